@@ -1,0 +1,84 @@
+# Linear evaluation on NIH ChestX-ray14: every backbone init x label fraction, then a summary.
+# Changing linear_eval.inits or .fractions only adds or drops runs: those two lists are left out
+# of the params, so existing runs are not rerun.
+
+import numpy as np
+
+
+def linear_fraction_label(fraction):
+    """Fraction as it appears in a run's folder name: 0.01, 0.1, 1.0 (never exponent notation)."""
+    return np.format_float_positional(float(fraction), trim="0")
+
+
+def linear_eval_metrics():
+    lin = config["linear_eval"]
+    return expand(
+        f"{LINEAR_RUN}/metrics.json",
+        init=lin["inits"],
+        fraction=[linear_fraction_label(f) for f in lin["fractions"]],
+    )
+
+
+rule linear_eval:
+    input:
+        index=NIH_INDEX,
+        cache=NIH_CACHE,
+        init=init_input,
+    output:
+        metrics=f"{LINEAR_RUN}/metrics.json",
+        history=f"{LINEAR_RUN}/history.csv",
+        split=f"{LINEAR_RUN}/split.csv",
+    log:
+        f"{LOGS}/linear_eval/{{init}}_frac{{fraction}}.log",
+    benchmark:
+        f"{BENCH}/linear_eval/{{init}}_frac{{fraction}}.tsv"
+    params:
+        args=cli("linear_eval", exclude=("inits", "fractions")),
+        init=lambda wildcards: init_checkpoint(wildcards.init),
+        arch=config["pretrain"]["arch"],
+        imagenet=imagenet_flag(),
+        out_dir=lambda wildcards, output: str(Path(output.metrics).parent),
+        seed=SEED,
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=600,
+    conda:
+        ENV
+    shell:
+        "python {SCRIPTS}/linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
+        " --fraction {wildcards.fraction} --arch {params.arch} --index {input.index:q}"
+        " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} {params.imagenet}"
+        " --log {log:q}"
+
+
+rule summarize_linear_eval:
+    input:
+        linear_eval_metrics(),
+    output:
+        summary=report(
+            LINEAR_SUMMARY,
+            caption="../report/linear_summary.rst",
+            category="Linear evaluation",
+            labels={"figure": "summary table"},
+        ),
+        plot=report(
+            LINEAR_PLOT,
+            caption="../report/linear_plot.rst",
+            category="Linear evaluation",
+            labels={"figure": "mean test AUC vs label fraction"},
+        ),
+    log:
+        f"{LOGS}/linear_eval/summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        ENV
+    shell:
+        "python {SCRIPTS}/summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
+        " --plot {output.plot:q} --log {log:q}"
+
+
+FINAL_TARGETS.append(lambda: [LINEAR_SUMMARY, LINEAR_PLOT])

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Barlow Twins pretraining of a ResNet on the NIH ChestX-ray14 train_val images.
+
+Single process:  python scripts/pretrain.py --index I --cache C --out-dir D [settings]
+Several GPUs:    torchrun --standalone --nproc_per_node=N scripts/pretrain.py ... (DDP; --batch-size
+                 is the global batch, split across the N processes)
+
+Rerunning after an interruption resumes from D/checkpoint.pth (same settings and data only).
+Writes D/backbone.pth (torchvision ResNet state dict without fc), D/metrics.csv and D/loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cxrssl.config import add_section_args, section_args
+from cxrssl.ssl.train import pretrain
+from cxrssl.utils import setup_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", required=True, help="NIH index CSV (rule index_nih).")
+    parser.add_argument("--cache", required=True, help="uint8 (N, S, S) .npy image cache of the index.")
+    parser.add_argument("--out-dir", required=True, help="Run folder: backbone.pth, metrics.csv, loss.png, checkpoint.pth.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of initialisation, sampling and augmentation.")
+    parser.add_argument("--imagenet-weights", default=None,
+                        help="Local torchvision ImageNet state dict (for --init imagenet on offline machines).")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch, shared by all ranks.")
+    parser.add_argument("--checkpoint", default=None, help="Checkpoint file (default: OUT_DIR/checkpoint.pth).")
+    parser.add_argument("--no-resume", action="store_true", help="Ignore an existing checkpoint and start over.")
+    parser.add_argument("--stop-after-steps", type=int, default=None,
+                        help="Test hook: stop after this many steps without writing outputs, as a kill would.")
+    # --log-file: under Python 3.11 torchrun's own parser rejects a bare --log anywhere on its
+    # command line (ambiguous with its --log-dir/--logs-specs), so torchrun launches use the alias.
+    parser.add_argument("--log", "--log-file", dest="log", default=None, help="Log file (the rule's log).")
+    add_section_args(parser, "pretrain")
+    args = parser.parse_args(argv)
+    setup_logging(args.log)
+    pretrain(args.index, args.cache, args.out_dir, section_args(args, "pretrain"), seed=args.seed,
+             imagenet_weights=args.imagenet_weights, device=args.device, checkpoint=args.checkpoint,
+             resume=not args.no_resume, stop_after_steps=args.stop_after_steps, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()

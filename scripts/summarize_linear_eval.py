@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Summarise linear-evaluation runs: a table (init x fraction) and mean test AUC vs label fraction."""
+
+import argparse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json of each run.")
+    parser.add_argument("--summary", required=True, help="Output CSV.")
+    parser.add_argument("--plot", required=True, help="Output PNG.")
+    parser.add_argument("--log", default=None, help="Log file.")
+    args = parser.parse_args()
+
+    from cxrssl.linear_eval.summary import summarize
+    from cxrssl.utils import setup_logging
+
+    setup_logging(args.log)
+    summarize(args.metrics, args.summary, args.plot)
+
+
+if __name__ == "__main__":
+    main()

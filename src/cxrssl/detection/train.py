@@ -1,0 +1,307 @@
+"""Fine-tune Faster R-CNN on the VinDr COCO splits, select by val mAP50, predict the test split.
+
+Outputs in ``out_dir``:
+
+* ``best.pth`` — weights of the epoch with the best val mAP50 (``model``, ``meta``, ``epoch``,
+  ``val_mAP50``); :func:`cxrssl.detection.model.load_trained_detector` reads it.
+* ``last.pth`` — the resume state, written atomically after every epoch: model, optimizer,
+  scheduler, ``epoch`` (epochs completed), best metric and the best weights, RNG states of every rank, the log history,
+  build meta and a fingerprint of the settings and inputs. It is deliberately *not* a Snakemake
+  output: Snakemake deletes a failed job's outputs, and this file must survive for the rerun to
+  resume. A run whose fingerprint differs (changed setting, split or initial weights) starts over.
+  A finished run with the same fingerprint rebuilds its outputs from it without training.
+* ``train_log.csv`` (one row per iteration; ``val_mAP50`` on each epoch's last row; epochs and
+  iterations counted from 1 as in the mmdet engine's log),
+  ``train_curve.png``, ``predictions_test.json`` (COCO results in the converted pixels of
+  ``coco_test.json``, score >= ``score_thr``, at most 100 per image).
+
+bf16 autocast needs no loss scaling, so there is no GradScaler state to keep. Single process or
+torchrun (DistributedSampler + DDP, ``batch_size`` is the global batch split across ranks).
+Resuming reproduces the uninterrupted run exactly on CPU (same weights); on GPU up to the
+nondeterminism of CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from cxrssl.detection.dataset import CocoDetection, collate
+from cxrssl.detection.engine import LOSS_KEYS, WarmupCosine, coco_map50, predict_coco, train_one_epoch
+from cxrssl.detection.model import NUM_CLASSES, build_detector, build_meta
+from cxrssl.detection.transforms import read_grey_image
+from cxrssl.io import atomic_savefig, atomic_torch_save, atomic_write_csv, atomic_write_json
+from cxrssl.ssl.distributed import cleanup_distributed, init_distributed, sync_batchnorm
+from cxrssl.utils import seed_everything
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["epoch", "iter", "loss", *LOSS_KEYS, "lr", "val_mAP50"]
+#: Settings that cannot change the result (excluded from the resume fingerprint).
+_NOT_FINGERPRINTED = ("workers",)
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(settings: dict, init: str, res: int, seed: int, world_size: int, jsons: list[Path],
+                imagenet_weights: str | Path | None) -> str:
+    """Hash of everything that determines the trained weights (settings, data, initial weights)."""
+    parts: dict[str, Any] = {
+        "settings": {k: v for k, v in sorted(settings.items()) if k not in _NOT_FINGERPRINTED},
+        "init": str(init), "res": int(res), "seed": int(seed), "world_size": int(world_size),
+        "data": [_sha256(p) for p in jsons],
+    }
+    for name, value in (("init_file", init), ("imagenet_file", imagenet_weights if init == "imagenet" else None)):
+        if value and Path(value).is_file():
+            parts[name] = _sha256(value)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": _to_lists(random.getstate()),
+    }
+
+
+def _to_lists(obj):
+    return [_to_lists(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _to_tuples(obj):
+    return tuple(_to_tuples(o) for o in obj) if isinstance(obj, list) else obj
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    random.setstate(_to_tuples(state["python"]))
+
+
+def _gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _shard(dataset, rank: int, world_size: int):
+    return dataset if world_size == 1 else Subset(dataset, list(range(rank, len(dataset), world_size)))
+
+
+def _predict_all(model, dataset, batch_size, workers, device, amp, score_thr, rank, world_size, desc):
+    """Predict ``dataset`` sharded over ranks; every rank gets all results, sorted."""
+    loader = DataLoader(_shard(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+    mine = predict_coco(model, loader, device, amp=amp, score_thr=score_thr, desc=desc, show_progress=rank == 0)
+    parts = _gather(mine, world_size)
+    results = [r for part in parts for r in part]
+    return sorted(results, key=lambda r: (r["image_id"], -r["score"], r["category_id"], r["bbox"]))
+
+
+def write_log_and_curve(history: list[dict], out_dir: Path) -> None:
+    frame = pd.DataFrame(history, columns=LOG_COLUMNS)
+    atomic_write_csv(frame, out_dir / "train_log.csv")
+    plot_curve(frame, out_dir / "train_curve.png")
+
+
+def plot_curve(frame: pd.DataFrame, path: Path) -> None:
+    """Training losses per iteration and val mAP50 per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
+    if len(frame):
+        window = max(1, len(frame) // 50)  # smooth over ~2 % of the run; raw losses are noisy
+        for key in ("loss", *LOSS_KEYS):
+            ax_loss.plot(frame["iter"], frame[key].rolling(window, min_periods=1).mean(), label=key,
+                         lw=2 if key == "loss" else 1)
+        ax_loss.legend(fontsize=8)
+        per_epoch = frame.dropna(subset=["val_mAP50"])
+        ax_map.plot(per_epoch["epoch"], per_epoch["val_mAP50"], marker="o")
+        if len(per_epoch):
+            best = per_epoch.loc[per_epoch["val_mAP50"].idxmax()]
+            ax_map.axvline(best["epoch"], color="grey", ls="--", lw=1)
+            ax_map.set_title(f"best val mAP50 {best['val_mAP50']:.3f} (epoch {int(best['epoch'])})", fontsize=10)
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("training loss (moving mean)")
+    ax_map.set_xlabel("epoch")
+    ax_map.set_ylabel("val mAP50 (COCO)")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def _input_format(dataset: CocoDetection) -> tuple[int, int]:
+    """Longest side and bit depth of the training PNGs (prediction converts new images the same way)."""
+    size = max(max(int(im["width"]), int(im["height"])) for im in dataset.images)
+    dtype = read_grey_image(dataset.image_path(0)).dtype
+    return size, 16 if dtype == np.uint16 else 8
+
+
+def train_detector(train_json: str | Path, val_json: str | Path, test_json: str | Path, out_dir: str | Path,
+                   init: str, res: int, seed: int, settings: dict, imagenet_weights: str | Path | None = None,
+                   device: str | None = None, init_name: str | None = None) -> dict:
+    """Train one detection run (see the module docstring); returns a small summary dict.
+
+    ``settings`` holds the ``detection`` config section (arch, epochs, batch_size, lr, momentum,
+    weight_decay, warmup_iters, min_lr, frozen_stages, norm_eval, random_init_norm, hflip, workers,
+    amp, rpn_proposals, rois_per_image, score_thr); ``init`` is random, imagenet or a backbone checkpoint path; ``init_name``
+    (default ``init``) is recorded in the checkpoints' meta.
+    """
+    out_dir = Path(out_dir)
+    info = init_distributed(device)
+    try:
+        return _train(Path(train_json), Path(val_json), Path(test_json), out_dir, init, int(res), int(seed),
+                      dict(settings), imagenet_weights, init_name or str(init), info)
+    finally:
+        cleanup_distributed()
+
+
+def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagenet_weights, init_name, info) -> dict:
+    dev, rank, world = info.device, info.rank, info.world_size
+    if not info.is_main:  # one voice per run in the log; other ranks only warn
+        logging.getLogger("cxrssl").setLevel(logging.WARNING)
+    if s["batch_size"] % world:
+        raise ValueError(f"detection.batch_size {s['batch_size']} is not divisible by {world} processes")
+    per_rank = s["batch_size"] // world
+    amp = bool(s["amp"]) and dev.type == "cuda"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out_dir / "last.pth", out_dir / "best.pth"
+    seed_everything(seed)
+
+    train_set = CocoDetection(train_json, hflip_prob=s["hflip"], seed=seed)
+    val_set = CocoDetection(val_json)
+    test_set = CocoDetection(test_json)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"empty split: {len(train_set)} train and {len(val_set)} val images")
+    input_size, bit_depth = _input_format(train_set)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    train_loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=s["workers"],
+                              collate_fn=collate, pin_memory=dev.type == "cuda",
+                              persistent_workers=False)
+
+    model = build_detector(s["arch"], init, num_classes=NUM_CLASSES, res=res, frozen_stages=s["frozen_stages"],
+                           norm_eval=s["norm_eval"], random_init_norm=s["random_init_norm"],
+                           imagenet_weights=imagenet_weights, score_thr=s["score_thr"],
+                           rpn_proposals=s["rpn_proposals"], rois_per_image=s["rois_per_image"])
+    meta = build_meta(s["arch"], init, NUM_CLASSES, res, s["frozen_stages"], s["norm_eval"], s["random_init_norm"],
+                      s["score_thr"], s["rpn_proposals"], s["rois_per_image"])
+    meta.update(init_name=init_name, input_size=input_size, input_bit_depth=bit_depth, seed=seed)
+    model.to(dev)
+    if amp:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    total_iters = s["epochs"] * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(s["lr"], s["min_lr"], s["warmup_iters"], total_iters))
+
+    fp = fingerprint(s, init, res, seed, world, [train_json, val_json], imagenet_weights)
+    start_epoch, best_map, best_epoch, best_state, history = 0, -math.inf, 0, None, []
+    state = None
+    if last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != fp:
+            log.warning("%s was made with other settings, data or initial weights: starting over", last_path)
+            state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])  # epochs completed
+        best_map, best_epoch, best_state = float(state["best_mAP50"]), int(state["best_epoch"]), state["best_model"]
+        history = list(state["history"])
+        rng = state["rng"]
+        if len(rng) != world:
+            raise RuntimeError(f"{last_path} holds {len(rng)} ranks' RNG states, this run has {world}")
+        _set_rng_state(rng[rank])
+        log.info("resuming from %s after epoch %d (best val mAP50 %.4f at epoch %d)", last_path, start_epoch,
+                 best_map, best_epoch)
+        del state
+
+    net = model
+    if world > 1:
+        if meta["norm"] == "batchnorm":
+            net = sync_batchnorm(net, dev)
+        net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    log.info("training %s init=%s res=%d: %d train / %d val / %d test images, %d iterations/epoch, "
+             "%d epochs, batch %d (%d ranks), device %s, amp %s", s["arch"], init, res, len(train_set),
+             len(val_set), len(test_set), len(train_loader), s["epochs"], s["batch_size"], world, dev, amp)
+    for index in range(start_epoch, s["epochs"]):
+        epoch = index + 1  # 1-based in logs and checkpoints, as mmdet's
+        t0 = time.time()
+        sampler.set_epoch(index)
+        train_set.set_epoch(index)
+        rows = train_one_epoch(net, train_loader, optimizer, scheduler, dev, epoch, amp=amp,
+                               show_progress=info.is_main)
+        results = _predict_all(model, val_set, per_rank, s["workers"], dev, amp, 0.0, rank, world, "val")
+        val_map = coco_map50(val_set.coco, results)
+        for row in rows:
+            row["val_mAP50"] = float("nan")
+        rows[-1]["val_mAP50"] = val_map
+        history.extend(rows)
+        if val_map > best_map:
+            best_map, best_epoch = val_map, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        rng = _gather(_rng_state(), world)
+        if info.is_main:
+            if best_epoch == epoch:
+                atomic_torch_save({"model": best_state, "meta": meta, "epoch": epoch, "val_mAP50": val_map},
+                                  best_path)
+            atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_mAP50": best_map,
+                "best_epoch": best_epoch, "best_model": best_state, "history": history, "rng": rng,
+                "meta": meta, "fingerprint": fp, "val_mAP50": val_map,
+            }, last_path)
+            write_log_and_curve(history, out_dir)
+        seconds = time.time() - t0
+        log.info("epoch %d/%d: loss %.4f, val mAP50 %.4f (best %.4f at epoch %d), %.0f s, %.1f train images/s",
+                 epoch, s["epochs"], float(np.mean([r["loss"] for r in rows])), val_map, best_map,
+                 best_epoch, seconds, len(train_set) / max(seconds, 1e-9))
+
+    if best_state is None:
+        raise RuntimeError(f"{last_path}: finished run holds no best weights")
+    if start_epoch >= s["epochs"]:
+        log.info("%s is a finished run with the same settings: rebuilding outputs without training", last_path)
+    if info.is_main:
+        atomic_torch_save({"model": best_state, "meta": meta, "epoch": best_epoch, "val_mAP50": best_map}, best_path)
+        write_log_and_curve(history, out_dir)
+    model.load_state_dict(best_state)
+    results = _predict_all(model, test_set, per_rank, s["workers"], dev, amp, s["score_thr"], rank, world, "test")
+    if info.is_main:
+        atomic_write_json(results, out_dir / "predictions_test.json", indent=None)
+    log.info("best val mAP50 %.4f at epoch %d; %d test predictions on %d images", best_map, best_epoch,
+             len(results), len(test_set))
+    return {"best_epoch": best_epoch, "best_val_mAP50": best_map, "n_test_predictions": len(results)}

@@ -1,0 +1,264 @@
+"""Training a linear head (or fine-tuning) on a label fraction, choosing the epoch on validation.
+
+Test images are scored exactly once, with the weights of the epoch that had the best validation
+mean AUC; nothing about the test split reaches the training loop or the selection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cxrssl.classes import NIH_FINDINGS
+from cxrssl.io import atomic_write_csv, atomic_write_json
+from cxrssl.linear_eval.data import CacheImages, image_transform, load_nih_index, open_cache
+from cxrssl.linear_eval.metrics import defined_findings, mean_auc, per_finding_auc
+from cxrssl.linear_eval.splits import assign_splits, label_subset
+from cxrssl.models.backbone import build_resnet
+from cxrssl.utils import pick_device, progress_disabled, seed_everything
+
+log = logging.getLogger(__name__)
+
+MODES = ("linear", "finetune")
+#: Settings read from the ``linear_eval`` config section (inits and fractions pick the runs).
+SETTINGS = ("mode", "epochs", "batch_size", "lr", "momentum", "weight_decay", "val_fraction",
+            "image_size", "workers", "augment")
+#: Called after every epoch with ``(epoch, predict)``; ``predict(split)`` returns
+#: ``(labels, scores)`` of the current weights. For monitoring only: it cannot affect selection.
+EpochCallback = Callable[[int, Callable[[str], tuple[np.ndarray, np.ndarray]]], None]
+
+
+def select_epoch(val_mean_aucs) -> int:
+    """1-based epoch with the highest validation mean AUC; the earliest on ties, NaN ignored."""
+    values = np.asarray(list(val_mean_aucs), dtype=np.float64)
+    if values.size == 0 or np.isnan(values).all():
+        raise ValueError("no epoch has a defined validation mean AUC")
+    return int(np.nanargmax(values)) + 1
+
+
+class Classifier(nn.Module):
+    """Backbone features -> Linear(feature_dim, 14). ``frozen``: backbone fixed, BN in eval mode."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, n_outputs: int, frozen: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, n_outputs)
+        self.frozen = frozen
+        if frozen:
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # running BN statistics must not drift in linear evaluation
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                features = self.backbone(x)
+        else:
+            features = self.backbone(x)
+        return self.head(features)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device) -> torch.Tensor:
+    """Backbone features (eval mode) of every image of ``loader``, in order, on ``device``."""
+    backbone.eval()
+    chunks = [backbone(x.to(device, non_blocking=True))
+              for x, _ in tqdm(loader, desc="features", unit="batch", disable=progress_disabled())]
+    return torch.cat(chunks).float()
+
+
+def _loader(dataset, batch_size: int, workers: int, shuffle: bool = False, generator=None,
+            drop_last: bool = False, device: torch.device | None = None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=workers, drop_last=drop_last, persistent_workers=False,
+                      pin_memory=device is not None and device.type == "cuda")
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 6)
+
+
+def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str, fraction: float,
+                    arch: str, out_dir: str | Path, seed: int, settings: dict,
+                    imagenet_weights: str | Path | None = None, init_name: str | None = None,
+                    device: str | torch.device | None = None,
+                    epoch_callback: EpochCallback | None = None) -> dict:
+    """One run: writes ``split.csv``, ``history.csv`` and ``metrics.json`` into ``out_dir``.
+
+    ``init`` is what :func:`cxrssl.models.backbone.build_resnet` takes (random, imagenet or a
+    checkpoint path); ``init_name`` is the name recorded in the metrics (defaults to ``init``).
+    ``settings`` holds the ``linear_eval`` section's keys listed in :data:`SETTINGS`.
+    """
+    missing = [k for k in SETTINGS if k not in settings]
+    if missing:
+        raise ValueError(f"linear_eval settings lack {missing}")
+    mode = settings["mode"]
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    out_dir = Path(out_dir)
+    device = torch.device(device) if device is not None else pick_device()
+    seed_everything(seed)
+    names = list(NIH_FINDINGS)
+
+    # --- data: splits by patient, nested label subset of the training patients ------------------
+    cache = open_cache(cache_path)
+    index = load_nih_index(index_path, n_cache_rows=len(cache))
+    index["split"] = assign_splits(index, settings["val_fraction"], seed)
+    train_patients = index.loc[index["split"] == "train", "patient_id"].unique()
+    subset = label_subset(train_patients, fraction, seed)
+    index["labelled"] = (index["split"] == "train") & index["patient_id"].isin(subset)
+    atomic_write_csv(index[["image_index", "patient_id", "split", "labelled"]], out_dir / "split.csv")
+    parts = {
+        "train": index[index["labelled"]],
+        "val": index[index["split"] == "val"],
+        "test": index[index["split"] == "test"],
+    }
+    for split, frame in parts.items():
+        if frame.empty:
+            raise ValueError(f"{index_path}: the {split} split is empty")
+        log.info("%s: %d images of %d patients", split, len(frame), frame["patient_id"].nunique())
+    labels = {s: f[names].to_numpy(np.float32) for s, f in parts.items()}
+    for split in ("val", "test"):
+        undefined = [n for n, ok in zip(names, defined_findings(labels[split])) if not ok]
+        if undefined:
+            log.warning("%s split: %s have only one class; their AUC is undefined and left out of the "
+                        "mean", split, ", ".join(undefined))
+    if not defined_findings(labels["val"]).any():
+        raise ValueError(
+            f"{index_path}: no finding has both positive and negative images in the validation split "
+            f"({len(parts['val'])} images), so no epoch can be selected; raise linear_eval.val_fraction"
+        )
+
+    # --- model ------------------------------------------------------------------------------------
+    backbone = build_resnet(arch, init, imagenet_weights)
+    feature_dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    model = Classifier(backbone, feature_dim, len(names), frozen=mode == "linear").to(device)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size, workers = settings["batch_size"], settings["workers"]
+    eval_tf = image_transform(settings["image_size"], augment=False)
+    datasets = {s: CacheImages(cache, parts[s]["cache_row"].to_numpy(), labels[s], eval_tf) for s in parts}
+    precompute = mode == "linear" and not settings["augment"]
+
+    if precompute:
+        # Frozen backbone, no augmentation: every epoch would see the same features, so compute
+        # them once and train only the head on them.
+        features = {s: extract_features(model.backbone, _loader(d, batch_size, workers, device=device), device)
+                    for s, d in datasets.items()}
+        targets = {s: torch.as_tensor(labels[s], device=device) for s in parts}
+        net: nn.Module = model.head
+
+        def train_batches():
+            order = torch.randperm(len(targets["train"]), generator=generator).to(device)
+            for chunk in order.split(batch_size):
+                yield features["train"][chunk], targets["train"][chunk]
+
+        n_steps = math.ceil(len(targets["train"]) / batch_size)
+
+        @torch.no_grad()
+        def predict(split: str) -> tuple[np.ndarray, np.ndarray]:
+            net.eval()
+            scores = torch.cat([net(x) for x in features[split].split(batch_size)])
+            return labels[split], scores.cpu().numpy()
+    else:
+        train_set = CacheImages(cache, parts["train"]["cache_row"].to_numpy(), labels["train"],
+                                image_transform(settings["image_size"], augment=settings["augment"]))
+        # A last batch of one image breaks BatchNorm in training mode (fine-tuning): drop it.
+        drop_last = mode == "finetune" and len(train_set) % batch_size == 1 and len(train_set) > 1
+        train_loader = _loader(train_set, batch_size, workers, shuffle=True, generator=generator,
+                               drop_last=drop_last, device=device)
+        eval_loaders = {s: _loader(datasets[s], batch_size, workers, device=device) for s in ("val", "test")}
+        net = model
+        n_steps = len(train_loader)
+
+        def train_batches():
+            for x, y in train_loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        @torch.no_grad()
+        def predict(split: str) -> tuple[np.ndarray, np.ndarray]:
+            net.eval()
+            scores = torch.cat([net(x.to(device, non_blocking=True)) for x, _ in eval_loaders[split]])
+            return labels[split], scores.cpu().numpy()
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
+                                weight_decay=settings["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings["epochs"] * n_steps)
+    criterion = nn.BCEWithLogitsLoss()
+
+    # --- training; the snapshot follows the validation mean AUC only -----------------------------
+    history: list[dict] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    log.info("training %s %s (init %s, fraction %g): %d epochs x %d steps on %s", arch, mode,
+             init_name or init, fraction, settings["epochs"], n_steps, device)
+    for epoch in range(1, settings["epochs"] + 1):
+        net.train()
+        losses = []
+        for x, y in tqdm(train_batches(), total=n_steps, desc=f"epoch {epoch}", unit="batch",
+                         disable=progress_disabled(), leave=False):
+            loss = criterion(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        train_loss = float(np.mean(losses))
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}; lower linear_eval.lr")
+        val_true, val_scores = predict("val")
+        val_loss = float(criterion(torch.from_numpy(val_scores), torch.from_numpy(val_true)))
+        val_mean = mean_auc(per_finding_auc(val_true, val_scores, names, "val", warn=False))
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_mean_auc": val_mean, "lr": optimizer.param_groups[0]["lr"]})
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val mean AUC %.4f",
+                 epoch, train_loss, val_loss, val_mean)
+        if select_epoch(h["val_mean_auc"] for h in history) == epoch:
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if epoch_callback is not None:
+            epoch_callback(epoch, predict)
+
+    selected = select_epoch(h["val_mean_auc"] for h in history)
+    net.load_state_dict(best_state)
+    val_true, val_scores = predict("val")
+    val_auc = per_finding_auc(val_true, val_scores, names, "val", warn=False)
+    test_true, test_scores = predict("test")
+    test_auc = per_finding_auc(test_true, test_scores, names, "test", warn=False)
+    log.info("selected epoch %d (val mean AUC %.4f): test mean AUC %.4f",
+             selected, mean_auc(val_auc), mean_auc(test_auc))
+
+    metrics = {
+        "init": init_name or init,
+        "fraction": fraction,
+        "arch": arch,
+        "mode": mode,
+        "seed": seed,
+        "n_train_patients": int(parts["train"]["patient_id"].nunique()),
+        "n_train_images": len(parts["train"]),
+        "n_val_patients": int(parts["val"]["patient_id"].nunique()),
+        "n_val_images": len(parts["val"]),
+        "n_test_patients": int(parts["test"]["patient_id"].nunique()),
+        "n_test_images": len(parts["test"]),
+        "epochs": settings["epochs"],
+        "selected_epoch": selected,
+        "val_mean_auc": _json_number(mean_auc(val_auc)),
+        "test_mean_auc": _json_number(mean_auc(test_auc)),
+        "val_auc": {k: _json_number(v) for k, v in val_auc.items()},
+        "test_auc": {k: _json_number(v) for k, v in test_auc.items()},
+    }
+    atomic_write_csv(pd.DataFrame(history), out_dir / "history.csv")
+    atomic_write_json(metrics, out_dir / "metrics.json")
+    return metrics

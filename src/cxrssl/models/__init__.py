@@ -1,0 +1,1 @@
+"""Network builders shared by pretraining, linear evaluation and detection."""

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny demo configuration and one end-to-end run of the whole DAG."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+
+# A demo small enough for a test: every stage runs, on a handful of images, for an epoch or two.
+TINY_CONFIG = {
+    "seed": 0,
+    "results_dir": "results",
+    "on_bad_input": "skip",
+    "demo": {"enabled": True, "root": "data/demo", "n_nih": 48, "n_nih_patients": 16,
+             "n_vindr_train": 36, "n_vindr_test": 12, "image_size": 128},
+    "nih": {"root": "data/demo/nih", "cache_size": 40},
+    "vindr": {"root": "data/demo/vindr", "layout": "physionet", "convert": {"size": 128},
+              "split": {"val_fraction": 0.25}, "fusion": {"iou_thr": 0.6}},
+    "pretrain": {"arch": "resnet18", "init": "random", "projector": [64, 64, 64], "batch_size": 16,
+                 "epochs": 2, "warmup_epochs": 1, "image_size": 32, "workers": 0, "checkpoint_every": 2},
+    "linear_eval": {"inits": ["random", "barlowtwins"], "fractions": [0.5, 1.0], "epochs": 2,
+                    "batch_size": 16, "image_size": 32, "workers": 0},
+    "detection": {"arch": "resnet18", "inits": ["random", "barlowtwins"], "resolutions": [64],
+                  "epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_iters": 4, "workers": 0},
+    "evaluation": {"bootstrap": 20},
+    "heatmaps": {"method": "eigen", "n_images": 1},
+}
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, check: bool = True,
+              timeout: int = 1500) -> subprocess.CompletedProcess:
+    """Run Snakemake on the repository's Snakefile in ``workdir``."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir),
+           "--configfile", str(configfile or workdir / "config.yaml"), "--cores", "2",
+           *args]
+    env = dict(os.environ, CXRSSL_PROGRESS="0", PYTHONHASHSEED="0")
+    # Scripts run with the interpreter of this test session.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    return yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, tiny_config) -> Path:
+    """The whole DAG run once on the tiny demo config; tests must not modify this folder."""
+    workdir = tmp_path_factory.mktemp("demo_run")
+    write_config(workdir / "config.yaml", tiny_config)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture()
+def demo_copy(demo_run, tmp_path) -> Path:
+    """A private copy of the finished run (mtimes and Snakemake metadata kept) to modify."""
+    target = tmp_path / "run"
+    shutil.copytree(demo_run, target, symlinks=True)
+    return target

@@ -1,0 +1,121 @@
+"""The config schema: defaults are the paper's, errors name the key, flags round-trip."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxrssl.config import (
+    ConfigError,
+    add_section_args,
+    load_config,
+    section_args,
+    section_defaults,
+    section_to_cli,
+    validate_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_config_is_valid():
+    config = load_config(REPO / "config.yaml")
+    assert config["demo"]["enabled"] is True
+    assert config["nih"]["root"].startswith(config["demo"]["root"])
+
+
+def test_paper_config_is_valid_and_holds_the_papers_settings():
+    config = load_config(REPO / "config" / "paper.yaml")
+    assert config["demo"]["enabled"] is False
+    pre = config["pretrain"]
+    assert (pre["arch"], pre["batch_size"], pre["epochs"], pre["lambd"]) == ("resnet50", 768, 800, 0.0051)
+    assert pre["projector"] == [8192, 8192, 8192]
+    det = config["detection"]
+    assert (det["lr"], det["momentum"], det["weight_decay"], det["warmup_iters"]) == (0.005, 0.9, 1e-4, 500)
+    assert (det["epochs"], det["batch_size"], det["frozen_stages"], det["norm_eval"]) == (50, 32, 1, True)
+    assert det["resolutions"] == [224, 640]
+
+
+def test_defaults_are_filled_in_nested_sections():
+    config = validate_config({})
+    assert config["vindr"]["fusion"]["iou_thr"] == 0.6
+    assert config["vindr"]["convert"]["bit_depth"] == 8
+    assert config["linear_eval"]["fractions"] == [0.01, 0.1, 1.0]
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"pretrain": {"lr_weights": -1}}, "pretrain.lr_weights"),
+        ({"vindr": {"layout": "dropbox"}}, "vindr.layout"),
+        ({"detection": {"resolutions": [0]}}, "detection.resolutions.0"),
+        ({"vindr": {"fusion": {"iou_thr": 2}}}, "vindr.fusion.iou_thr"),
+        ({"pretrian": {}}, "(top level)"),
+        ({"on_bad_input": "ignore"}, "on_bad_input"),
+    ],
+)
+def test_invalid_values_are_reported_with_their_key(bad, key):
+    with pytest.raises(ConfigError) as info:
+        validate_config(bad)
+    assert f"  {key}:" in str(info.value)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(path)
+
+
+def test_flags_round_trip_through_the_schema():
+    values = dict(section_defaults("pretrain"), projector=[16, 8], amp=False, lambd=0.01)
+    parser = argparse.ArgumentParser()
+    add_section_args(parser, "pretrain")
+    parsed = section_args(parser.parse_args(section_to_cli("pretrain", values)), "pretrain")
+    assert parsed == values
+
+
+def test_excluded_settings_are_neither_flags_nor_rendered():
+    values = section_defaults("linear_eval")
+    rendered = section_to_cli("linear_eval", values, exclude=("inits", "fractions"))
+    assert "--inits" not in rendered and "--fractions" not in rendered
+    parser = argparse.ArgumentParser()
+    add_section_args(parser, "linear_eval", exclude=("inits", "fractions"))
+    assert parser.parse_args(rendered).epochs == values["epochs"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--inits", "random"])
+
+
+def test_snakemake_refuses_an_invalid_config_before_running_anything(tmp_path):
+    bad = yaml.safe_load((REPO / "config.yaml").read_text())
+    bad["vindr"]["fusion"]["iou_thr"] = 7
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(config), "--directory", str(tmp_path),
+         "-s", str(REPO / "Snakefile")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert "iou_thr" in proc.stdout + proc.stderr
+
+
+def test_every_setting_is_documented_and_well_formed():
+    """Unquoted commas in flow-style YAML silently split a description into a stray key."""
+    from cxrssl.config import load_schema
+
+    known = {"type", "default", "description", "enum", "minimum", "maximum", "exclusiveMinimum",
+             "exclusiveMaximum", "items", "minItems", "properties", "additionalProperties"}
+
+    def walk(node, path):
+        for name, prop in node.get("properties", {}).items():
+            where = f"{path}.{name}".lstrip(".")
+            assert isinstance(prop, dict) and "type" in prop, where
+            assert set(prop) <= known, f"{where}: unexpected keys {set(prop) - known}"
+            assert prop.get("description") or prop["type"] == "object", f"{where}: no description"
+            walk(prop, where)
+
+    walk(load_schema(), "")

@@ -1,0 +1,425 @@
+"""Torchvision Faster R-CNN engine: model building per init, freezing, data, schedule, training,
+checkpoint/resume and the predictions contract. Tiny sizes: resnet18, 64 px, a dozen images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from cxrssl.classes import coco_categories
+from cxrssl.config import section_defaults
+from cxrssl.detection import engine, train
+from cxrssl.detection.dataset import CocoDetection, collate, load_coco
+from cxrssl.detection.engine import WarmupCosine, coco_map50, evaluate_map50
+from cxrssl.detection.model import build_detector, load_trained_detector, trainable_layers_for
+from cxrssl.detection.transforms import hflip
+from cxrssl.errors import BadInputError
+from cxrssl.models.backbone import backbone_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 64
+SIZE = (96, 80)  # width, height: not square, so the aspect-kept resize is exercised
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine is shared: one torch thread is faster than two fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_split(root: Path, split: str, n: int, seed: int, size=SIZE) -> Path:
+    """COCO JSON + grey PNGs: noise with one bright square ("Aortic enlargement", id 1) in three of
+    four images; every fourth image has no box (as VinDr's "No finding" images)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    width, height = size
+    for i in range(n):
+        img = rng.normal(60, 15, (height, width)).clip(0, 255)
+        if i % 4 != 3:
+            side = int(rng.integers(18, 30))
+            x, y = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+            img[y:y + side, x:x + side] = 220
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, side, side],
+                         "area": side * side, "iscrowd": 0})
+        name = f"images/{split}_{i:03d}.png"
+        cv2.imwrite(str(root / name), img.astype(np.uint8))
+        images.append({"id": i + 1, "file_name": name, "width": width, "height": height,
+                       "vindr_id": f"{split}_{i:03d}"})
+    path = root / f"coco_{split}.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": coco_categories()}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("coco")
+    return {split: make_split(root, split, n, seed) for split, n, seed in
+            (("train", 16, 0), ("val", 6, 1), ("test", 4, 2))}
+
+
+def tiny_settings(**overrides) -> dict:
+    s = {k: v for k, v in section_defaults("detection").items()
+         if k not in ("engine", "engines", "inits", "resolutions", "predict")}
+    s.update(arch="resnet18", epochs=3, batch_size=4, lr=0.01, warmup_iters=2, workers=0, amp=False,
+             rpn_proposals=100, rois_per_image=32)
+    s.update(overrides)
+    return s
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """A local "ImageNet" state dict (torchvision format) and a pretraining-style backbone file."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(1)
+    imagenet = torchvision.models.resnet18()
+    imagenet.bn1.running_mean.uniform_(0.1, 0.5)  # non-default statistics, to see them kept
+    torch.save(imagenet.state_dict(), root / "imagenet.pth")
+    torch.manual_seed(2)
+    pretrained = torchvision.models.resnet18()
+    torch.save(backbone_state_dict(pretrained), root / "backbone.pth")
+    return {"imagenet": root / "imagenet.pth", "checkpoint": root / "backbone.pth"}
+
+
+def _body(model: FasterRCNN) -> nn.Module:
+    return model.backbone.body
+
+
+# --- model -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("frozen, trainable", [(-1, 5), (0, 4), (1, 3), (4, 0)])
+def test_frozen_stages_map_to_torchvision_trainable_layers(frozen, trainable):
+    assert trainable_layers_for(frozen) == trainable
+
+
+def test_frozen_stages_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="frozen_stages"):
+        trainable_layers_for(5)
+
+
+def test_imagenet_and_checkpoint_inits_load_their_weights(weights):
+    imagenet = torch.load(weights["imagenet"], weights_only=True)
+    model = build_detector("resnet18", "imagenet", res=RES, imagenet_weights=weights["imagenet"])
+    assert isinstance(model, FasterRCNN) and model.roi_heads.box_predictor.cls_score.out_features == 15
+    assert torch.equal(_body(model).conv1.weight, imagenet["conv1.weight"])
+    assert torch.equal(_body(model).layer3[0].conv1.weight, imagenet["layer3.0.conv1.weight"])
+    assert torch.equal(_body(model).bn1.running_mean, imagenet["bn1.running_mean"])
+    assert isinstance(_body(model).layer4[0].bn1, FrozenBatchNorm2d)  # norm_eval
+
+    backbone = torch.load(weights["checkpoint"], weights_only=True)
+    model = build_detector("resnet18", str(weights["checkpoint"]), res=RES)
+    assert torch.equal(_body(model).layer2[1].conv2.weight, backbone["layer2.1.conv2.weight"])
+    assert not torch.equal(_body(model).conv1.weight, imagenet["conv1.weight"])
+
+
+def test_input_resizing_keeps_aspect_with_longest_side_res():
+    model = build_detector("resnet18", "random", res=RES)
+    batch, _ = model.transform([torch.rand(3, 80, 96)])
+    assert batch.image_sizes == [(53, 64)]
+    assert model.transform.image_mean == [0.485, 0.456, 0.406]
+
+
+@pytest.mark.parametrize("norm, kind", [("batchnorm", nn.BatchNorm2d), ("groupnorm", nn.GroupNorm)])
+def test_random_init_has_trainable_normalisation_and_nothing_frozen(norm, kind):
+    model = build_detector("resnet18", "random", res=RES, frozen_stages=1, norm_eval=True, random_init_norm=norm)
+    body = _body(model)
+    assert all(p.requires_grad for p in body.parameters())
+    norms = [m for m in body.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d))]
+    assert norms and all(isinstance(m, kind) for m in norms)
+    assert all(m.weight.requires_grad for m in norms)
+
+
+def _one_step(model: FasterRCNN, data: dict[str, Path]) -> None:
+    images, targets = collate([CocoDetection(data["train"])[i] for i in range(2)])
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    loss = sum(model(images, targets).values())
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("norm_eval", [True, False])
+def test_frozen_stages_stay_frozen_and_norm_eval_keeps_statistics(weights, data, norm_eval):
+    model = build_detector("resnet18", "imagenet", res=RES, frozen_stages=1, norm_eval=norm_eval,
+                           imagenet_weights=weights["imagenet"], rpn_proposals=50, rois_per_image=16)
+    body = _body(model)
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    frozen = [n for n, _ in body.named_parameters() if n.startswith(("conv1", "bn1", "layer1"))]
+    assert all(not p.requires_grad for n, p in body.named_parameters() if n in frozen)
+    assert all(p.requires_grad for n, p in body.named_parameters() if n.startswith(("layer2", "layer3", "layer4")))
+    _one_step(model, data)
+    after = body.state_dict()
+    # stem and layer1: weights and statistics unchanged whatever norm_eval says
+    for name in before:
+        if name.startswith(("conv1", "bn1", "layer1")):
+            assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["layer2.0.conv1.weight"], after["layer2.0.conv1.weight"])
+    stats_moved = not torch.equal(before["layer3.0.bn1.running_mean"], after["layer3.0.bn1.running_mean"])
+    assert stats_moved is (not norm_eval)
+    if norm_eval:
+        assert all(torch.equal(before[n], after[n]) for n in before if "running_" in n)
+
+
+# --- data and transforms ---------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(8, 40), height=st.integers(8, 40), data=st.data())
+def test_hflip_moves_boxes_with_the_pixels(width, height, data):
+    x0 = data.draw(st.integers(0, width - 2))
+    x1 = data.draw(st.integers(x0 + 1, width))
+    y0 = data.draw(st.integers(0, height - 2))
+    y1 = data.draw(st.integers(y0 + 1, height))
+    image = torch.zeros(3, height, width)
+    image[:, y0:y1, x0:x1] = 1.0
+    flipped, boxes = hflip(image, torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32))
+    fx0, fy0, fx1, fy1 = boxes[0].int().tolist()
+    assert (fy0, fy1) == (y0, y1)
+    assert flipped[:, fy0:fy1, fx0:fx1].min() == 1.0 and flipped.sum() == image.sum()
+    twice, back = hflip(flipped, boxes)
+    assert torch.equal(twice, image) and back[0].tolist() == [x0, y0, x1, y1]
+
+
+def test_dataset_items_and_seeded_flips(data):
+    ds = CocoDetection(data["train"], hflip_prob=0.5, seed=3)
+    image, target = ds[0]
+    assert image.shape == (3, SIZE[1], SIZE[0]) and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(image[0], image[1]) and target["labels"].tolist() == [1]
+    _, empty = ds[3]
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].numel() == 0
+    draws = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        draws.append(tuple(ds[i][1]["boxes"][0, 0].item() for i in (0, 1)))
+    again = CocoDetection(data["train"], hflip_prob=0.5, seed=3)
+    again.set_epoch(4)
+    assert tuple(again[i][1]["boxes"][0, 0].item() for i in (0, 1)) == draws[4]  # a function of seed/epoch/index
+    assert len(set(draws)) > 1  # and the flips do vary over epochs
+
+
+def _coco(tmp_path: Path, data: dict[str, Path], edit) -> Path:
+    coco = json.loads(data["val"].read_text())
+    edit(coco)
+    path = tmp_path / "bad.json"
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for img in coco["images"]:
+        src = data["val"].parent / img["file_name"]
+        (tmp_path / img["file_name"]).write_bytes(src.read_bytes())
+    path.write_text(json.dumps(coco))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["categories"][8].update(name="Nodule_Mass"), "class table differs"),
+    (lambda c: c["annotations"][0].update(bbox=[90, 10, 30, 20]), "lies outside"),
+    (lambda c: c["annotations"][0].update(category_id=15), "category_id 15"),
+    (lambda c: c["annotations"][0].update(image_id=999), "image_id 999"),
+    (lambda c: c["annotations"][0].update(bbox=[1, 1, 0, 5]), "empty box"),
+])
+def test_bad_coco_json_names_file_and_entry(tmp_path, data, edit, message):
+    path = _coco(tmp_path, data, edit)
+    with pytest.raises(BadInputError, match=message) as info:
+        load_coco(path)
+    assert "bad.json" in str(info.value)
+
+
+def test_missing_or_resized_image_names_the_file(tmp_path, data):
+    path = _coco(tmp_path, data, lambda c: None)
+    ds = CocoDetection(path)
+    ds.image_path(0).unlink()
+    with pytest.raises(BadInputError, match="does not exist"):
+        ds[0]
+    cv2.imwrite(str(ds.image_path(1)), np.zeros((10, 10), np.uint8))
+    with pytest.raises(BadInputError, match="10x10 but"):
+        ds[1]
+
+
+# --- schedule and metric ---------------------------------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(warmup=st.integers(0, 50), extra=st.integers(1, 200), lr=st.floats(1e-3, 1.0),
+       min_frac=st.floats(0.0, 0.5))
+def test_warmup_then_cosine_schedule(warmup, extra, lr, min_frac):
+    total = warmup + extra
+    f = WarmupCosine(lr, lr * min_frac, warmup, total)
+    values = [f(i) for i in range(total + 1)]
+    if warmup:
+        assert values[0] == pytest.approx(0.001)
+        assert all(a < b for a, b in zip(values[:warmup], values[1:warmup + 1]))
+    assert values[warmup] == pytest.approx(1.0)
+    assert all(a >= b - 1e-12 for a, b in zip(values[warmup:], values[warmup + 1:]))
+    assert values[total] == pytest.approx(min_frac, abs=1e-9)
+
+
+def test_coco_map50_scores_perfect_shifted_and_empty_predictions(data):
+    gt = json.loads(data["val"].read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]
+    assert coco_map50(gt, perfect) == pytest.approx(1.0)
+    shifted = [{**p, "bbox": [p["bbox"][0] + p["bbox"][2] * 0.6, *p["bbox"][1:]]} for p in perfect]
+    assert coco_map50(gt, shifted) == pytest.approx(0.0)
+    assert coco_map50(gt, []) == 0.0
+    wrong_class = [{**p, "category_id": 2} for p in perfect]
+    assert coco_map50(gt, wrong_class) == pytest.approx(0.0)
+
+
+def test_coco_map50_agrees_with_the_evaluation_stage(data):
+    """Checkpoint selection and the reported test metric must be the same mAP50."""
+    from cxrssl.evaluation.metrics import evaluate
+
+    gt = json.loads(data["val"].read_text())
+    rng = np.random.default_rng(0)
+    results = []
+    for a in gt["annotations"]:
+        for _ in range(5):
+            x, y, w, h = a["bbox"]
+            jitter = rng.normal(0, 4, 4)
+            results.append({"image_id": a["image_id"], "category_id": int(rng.choice([1, 1, 2])),
+                            "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                            "score": float(rng.uniform())})
+    ours = coco_map50(gt, results)
+    assert 0.05 < ours < 0.95
+    assert ours == pytest.approx(evaluate(gt, results, bootstrap=0, no_finding=False)["mAP50"], abs=1e-9)
+
+
+# --- training, checkpoints, resume -----------------------------------------------------------
+
+def run(data, out_dir, **overrides):
+    return train.train_detector(data["train"], data["val"], data["test"], out_dir, init="random", res=RES, seed=0,
+                                settings=tiny_settings(**overrides), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run_a")
+    run(data, out)
+    return out
+
+
+def test_training_beats_an_untrained_model_and_writes_the_run_folder(trained, data):
+    torch.manual_seed(0)
+    untrained = build_detector("resnet18", "random", res=RES, rpn_proposals=100)
+    loader = torch.utils.data.DataLoader(CocoDetection(data["val"]), batch_size=4, collate_fn=collate)
+    base, _ = evaluate_map50(untrained, loader, load_coco(data["val"]), torch.device("cpu"))
+
+    log = pd.read_csv(trained / "train_log.csv")
+    assert list(log.columns) == train.LOG_COLUMNS
+    assert len(log) == 3 * 4 and log["iter"].tolist() == list(range(1, 13))
+    per_epoch = log.dropna(subset=["val_mAP50"])
+    assert per_epoch["epoch"].tolist() == [1, 2, 3]
+    assert log["lr"].iloc[0] == pytest.approx(0.01 * 0.001) and log["lr"].max() == pytest.approx(0.01)
+    best = per_epoch["val_mAP50"].max()
+    assert best > base + 0.1, (base, per_epoch["val_mAP50"].tolist())
+
+    model, meta = load_trained_detector(trained / "best.pth")
+    assert not model.training and meta["val_mAP50"] == pytest.approx(best)
+    assert meta["epoch"] == int(per_epoch.loc[per_epoch["val_mAP50"].idxmax(), "epoch"])
+    assert meta["arch"] == "resnet18" and meta["res"] == RES and meta["norm"] == "batchnorm"
+    assert meta["input_size"] == max(SIZE) and meta["input_bit_depth"] == 8
+    assert (trained / "last.pth").is_file() and (trained / "train_curve.png").stat().st_size > 1000
+
+
+def test_predictions_are_valid_coco_results(trained, data):
+    from pycocotools.coco import COCO
+
+    results = json.loads((trained / "predictions_test.json").read_text())
+    gt = load_coco(data["test"])
+    assert results, "a trained model should find something"
+    ids = {im["id"] for im in gt["images"]}
+    assert {r["image_id"] for r in results} <= ids
+    assert all(r["score"] >= 0.001 and 1 <= r["category_id"] <= 14 for r in results)
+    assert max(pd.Series([r["image_id"] for r in results]).value_counts()) <= 100
+    for r in results:
+        x, y, w, h = r["bbox"]
+        assert w >= 0 and h >= 0 and x >= 0 and y >= 0 and x + w <= SIZE[0] + 0.01 and y + h <= SIZE[1] + 0.01
+    coco = COCO()
+    coco.dataset = {**gt, "annotations": [{**a, "area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0}
+                                          for a in gt["annotations"]]}
+    coco.createIndex()
+    assert len(coco.loadRes(results).getAnnIds()) == len(results)
+    # the stored predictions are the best checkpoint's
+    model, _ = load_trained_detector(trained / "best.pth")
+    loader = torch.utils.data.DataLoader(CocoDetection(data["test"]), batch_size=4, collate_fn=collate)
+    again = engine.predict_coco(model, loader, torch.device("cpu"), score_thr=0.001)
+    assert len(again) == len(results) and again[0]["bbox"] == pytest.approx(results[0]["bbox"], abs=0.02)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(trained, data, tmp_path, monkeypatch):
+    real = train.train_one_epoch
+
+    def dies_in_second_epoch(*args, **kwargs):
+        if args[5] == 2:  # 1-based epoch number
+            raise Interrupted("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", dies_in_second_epoch)
+    with pytest.raises(Interrupted):
+        run(data, tmp_path)
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 1  # epochs completed
+    (tmp_path / "best.pth").unlink()  # Snakemake deletes a failed job's declared outputs
+    (tmp_path / "train_log.csv").unlink()
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    run(data, tmp_path)
+
+    a = torch.load(trained / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["best_model"][k], b["best_model"][k]) for k in a["best_model"])
+    assert pd.read_csv(trained / "train_log.csv").equals(pd.read_csv(tmp_path / "train_log.csv"))
+    assert (trained / "predictions_test.json").read_text() == (tmp_path / "predictions_test.json").read_text()
+
+
+def test_finished_run_rebuilds_outputs_without_training(trained, data, tmp_path, monkeypatch):
+    for name in ("last.pth",):
+        (tmp_path / name).write_bytes((trained / name).read_bytes())
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run with the same settings must not train again")
+
+    monkeypatch.setattr(train, "train_one_epoch", must_not_train)
+    run(data, tmp_path)
+    assert (tmp_path / "predictions_test.json").read_text() == (trained / "predictions_test.json").read_text()
+    a = torch.load(trained / "best.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "best.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_settings_or_data_change_the_resume_fingerprint(data, tmp_path):
+    s = tiny_settings()
+    jsons = [data["train"], data["val"]]
+    base = train.fingerprint(s, "random", RES, 0, 1, jsons, None)
+    assert train.fingerprint(dict(s, workers=3), "random", RES, 0, 1, jsons, None) == base
+    assert train.fingerprint(dict(s, lr=0.02), "random", RES, 0, 1, jsons, None) != base
+    assert train.fingerprint(s, "random", RES, 1, 1, jsons, None) != base
+    changed = tmp_path / "coco_val.json"
+    changed.write_text(data["val"].read_text().replace('"width": 96', '"width": 95', 1))
+    assert train.fingerprint(s, "random", RES, 0, 1, [data["train"], changed], None) != base
+
+
+def test_train_detector_script_help():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "train_detector.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--init", "--res", "--train-json", "--frozen-stages", "--rois-per-image", "--device"):
+        assert flag in out
+    assert "--inits" not in out and "--engine " not in out

@@ -1,0 +1,299 @@
+"""Linear evaluation: splits, nested subsets, AUC, epoch selection on val, script end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+
+from cxrssl.classes import NIH_FINDINGS
+from cxrssl.config import section_defaults
+from cxrssl.errors import BadInputError
+from cxrssl.linear_eval import (assign_splits, collect_metrics, label_subset, load_nih_index, mean_auc,
+                                open_cache, per_finding_auc, run_linear_eval, select_epoch)
+from cxrssl.linear_eval.train import Classifier
+from cxrssl.models.backbone import backbone_state_dict, build_resnet
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32  # cache side: 4 x 4 cells of 8 px, one cell per finding
+# Small inputs keep every run to seconds on a shared 2-core machine.
+FAST = {"epochs": 4, "batch_size": 16, "lr": 0.2, "image_size": 16, "workers": 0, "val_fraction": 0.25}
+
+
+def fast_settings(**overrides) -> dict:
+    values = {k: v for k, v in section_defaults("linear_eval").items() if k not in ("inits", "fractions")}
+    values.update(FAST)
+    values.update(overrides)
+    return values
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise; finding j brightens cell j of a 4 x 4 grid (a signal a frozen random net can pick up)."""
+    images = rng.normal(60, 20, (len(labels), SIZE, SIZE))
+    for j in range(labels.shape[1]):
+        r, c = divmod(j, 4)
+        images[labels[:, j] == 1, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 120
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def synthetic_index(n_patients: int, images_per_patient: int, n_test_patients: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    n = n_patients * images_per_patient
+    labels = (rng.random((n, len(NIH_FINDINGS))) < 0.35).astype(np.int8)
+    patients = np.repeat(np.arange(n_patients), images_per_patient)
+    frame = pd.DataFrame({
+        "image_index": [f"{i:08d}_000.png" for i in range(n)],
+        "patient_id": patients.astype(str),
+        "official_split": np.where(patients < n_test_patients, "test", "train_val"),
+        "path": [f"images/{i:08d}_000.png" for i in range(n)],
+    })
+    frame[list(NIH_FINDINGS)] = labels
+    frame["cache_row"] = np.arange(n)
+    return frame
+
+
+def write_dataset(folder: Path, index: pd.DataFrame, images: np.ndarray) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    index.to_csv(folder / "index.csv", index=False)
+    np.save(folder / "cache.npy", images)
+    return folder / "index.csv", folder / "cache.npy"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The test machine is shared: one intra-op thread is faster than two fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory) -> tuple[Path, Path]:
+    """48 patients x 3 images (12 test patients) with a learnable per-finding signal."""
+    index = synthetic_index(48, 3, 12)
+    images = synthetic_images(index[list(NIH_FINDINGS)].to_numpy(), np.random.default_rng(1))
+    return write_dataset(tmp_path_factory.mktemp("nih"), index, images)
+
+
+# --- splits and subsets ----------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 300),
+       fractions=st.lists(st.floats(0.001, 1.0), min_size=2, max_size=5))
+def test_label_subsets_are_nested_seeded_and_non_empty(seed, n, fractions):
+    patients = [f"p{i}" for i in range(n)]
+    subsets = [set(label_subset(patients, f, seed)) for f in sorted(fractions)]
+    for small, large in zip(subsets, subsets[1:]):
+        assert small <= large
+    assert all(1 <= len(s) <= n and s <= set(patients) for s in subsets)
+    assert subsets[-1] == set(label_subset(list(reversed(patients)), max(fractions), seed))
+    assert set(label_subset(patients, 1.0, seed)) == set(patients)
+
+
+def test_label_subset_size_and_seed_dependence():
+    patients = [str(i) for i in range(1000)]
+    assert len(label_subset(patients, 0.01, 0)) == 10
+    assert len(label_subset(patients, 0.0001, 0)) == 1
+    assert set(label_subset(patients, 0.1, 0)) != set(label_subset(patients, 0.1, 1))
+    with pytest.raises(ValueError, match="fraction"):
+        label_subset(patients, 0.0, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), val_fraction=st.floats(0.01, 0.99),
+       n_patients=st.integers(3, 40), per_patient=st.integers(1, 4))
+def test_splits_are_patient_disjoint_and_keep_the_official_test(seed, val_fraction, n_patients, per_patient):
+    index = synthetic_index(n_patients, per_patient, n_test_patients=1, seed=seed % 1000)
+    split = assign_splits(index, val_fraction, seed)
+    assert set(split) == {"train", "val", "test"}
+    assert (split == "test").equals(index["official_split"] == "test")
+    groups = [set(index.loc[split == s, "patient_id"]) for s in ("train", "val", "test")]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    shuffled = index.sample(frac=1.0, random_state=seed % 1000)
+    assert assign_splits(shuffled, val_fraction, seed).reindex(index.index).equals(split)
+
+
+# --- metrics and selection -------------------------------------------------------------------------
+def test_auc_matches_sklearn_on_a_hand_example(caplog):
+    y_true = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1]])
+    y_score = np.array([[0.1, 0.3, 0.9], [0.4, 0.2, 0.8], [0.35, 0.1, 0.7], [0.8, 0.5, 0.6]])
+    names = ["a", "only_positive", "inverted"]
+    with caplog.at_level(logging.WARNING):
+        aucs = per_finding_auc(y_true, y_score, names, split="val")
+    assert aucs["a"] == pytest.approx(0.75) == roc_auc_score(y_true[:, 0], y_score[:, 0])
+    # positives 0.8, 0.6 vs negatives 0.9, 0.7: one of four pairs ranked right
+    assert aucs["inverted"] == pytest.approx(0.25) == roc_auc_score(y_true[:, 2], y_score[:, 2])
+    assert math.isnan(aucs["only_positive"])
+    assert "only_positive" in caplog.text and "val" in caplog.text
+    assert mean_auc(aucs) == pytest.approx(0.5)
+    assert math.isnan(mean_auc({"x": math.nan}))
+    with pytest.raises(ValueError, match="non-finite"):
+        per_finding_auc(y_true, np.full(y_true.shape, np.nan), names)
+
+
+def test_select_epoch_takes_the_best_validation_epoch():
+    assert select_epoch([0.6, 0.7, 0.65]) == 2
+    assert select_epoch([0.7, math.nan, 0.7]) == 1  # earliest on ties, NaN ignored
+    with pytest.raises(ValueError, match="validation"):
+        select_epoch([math.nan, math.nan])
+
+
+def test_frozen_classifier_keeps_backbone_and_batchnorm_fixed():
+    torch.manual_seed(0)
+    backbone = build_resnet("resnet18")
+    backbone.fc = torch.nn.Identity()
+    model = Classifier(backbone, 512, 14, frozen=True).train()
+    assert not model.backbone.training and model.head.training
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.head.weight.grad is not None
+
+
+def test_epoch_is_selected_on_validation_never_on_test(tmp_path):
+    """Test images are the validation images with flipped labels: test AUC = 1 - val AUC per epoch,
+    so the best test epoch is the worst validation epoch. The selected epoch must follow val."""
+    base = synthetic_index(40, 3, n_test_patients=0)
+    images = synthetic_images(base[list(NIH_FINDINGS)].to_numpy(), np.random.default_rng(2))
+    val = base[assign_splits(base, FAST["val_fraction"], 0) == "val"].copy()
+    val["patient_id"] = "T" + val["patient_id"]
+    val["official_split"] = "test"
+    val[list(NIH_FINDINGS)] = 1 - val[list(NIH_FINDINGS)]
+    index_path, cache_path = write_dataset(tmp_path / "data", pd.concat([base, val], ignore_index=True), images)
+
+    test_by_epoch = {}
+
+    def record(epoch, predict):
+        y, scores = predict("test")
+        test_by_epoch[epoch] = mean_auc(per_finding_auc(y, scores, list(NIH_FINDINGS), warn=False))
+
+    metrics = run_linear_eval(index_path=index_path, cache_path=cache_path, init="random", fraction=1.0,
+                              arch="resnet18", out_dir=tmp_path / "run", seed=0,
+                              settings=fast_settings(epochs=6, lr=0.2), epoch_callback=record)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["val_mean_auc"].nunique() > 1
+    best_test_epoch = max(test_by_epoch, key=test_by_epoch.get)
+    assert metrics["selected_epoch"] == select_epoch(history["val_mean_auc"]) != best_test_epoch
+    assert metrics["test_mean_auc"] == pytest.approx(test_by_epoch[metrics["selected_epoch"]], abs=1e-6)
+    assert metrics["test_mean_auc"] < max(test_by_epoch.values())
+    assert metrics["val_mean_auc"] == pytest.approx(history["val_mean_auc"].max(), abs=1e-6)
+
+
+# --- runs ------------------------------------------------------------------------------------------
+def test_runs_are_deterministic_and_write_the_split(learnable, tmp_path):
+    index_path, cache_path = learnable
+    kwargs = dict(index_path=index_path, cache_path=cache_path, init="random", fraction=0.5,
+                  arch="resnet18", seed=3, settings=fast_settings(epochs=2))
+    first = run_linear_eval(out_dir=tmp_path / "a", **kwargs)
+    second = run_linear_eval(out_dir=tmp_path / "b", **kwargs)
+    assert first == second
+    assert (tmp_path / "a" / "history.csv").read_text() == (tmp_path / "b" / "history.csv").read_text()
+    split = pd.read_csv(tmp_path / "a" / "split.csv", dtype={"patient_id": str})
+    labelled = split[split["labelled"]]
+    assert set(labelled["split"]) == {"train"}
+    assert labelled["patient_id"].nunique() == first["n_train_patients"] == round(
+        0.5 * split.loc[split["split"] == "train", "patient_id"].nunique())
+    assert len(labelled) == first["n_train_images"]
+
+
+def test_finetune_with_augmentation_runs_through_the_image_loader(learnable, tmp_path):
+    index_path, cache_path = learnable
+    metrics = run_linear_eval(index_path=index_path, cache_path=cache_path, init="random", fraction=0.2,
+                              arch="resnet18", out_dir=tmp_path, seed=0,
+                              settings=fast_settings(mode="finetune", augment=True, epochs=2, lr=0.01,
+                                                     batch_size=8))
+    assert metrics["mode"] == "finetune" and 1 <= metrics["selected_epoch"] <= 2
+    assert 0.0 <= metrics["test_mean_auc"] <= 1.0
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 2
+
+
+def test_validation_without_any_defined_finding_is_refused(tmp_path):
+    index = synthetic_index(12, 1, n_test_patients=4)
+    index[list(NIH_FINDINGS)] = 0
+    index.loc[index["official_split"] == "test", "Effusion"] = [0, 1, 0, 1]
+    images = synthetic_images(index[list(NIH_FINDINGS)].to_numpy(), np.random.default_rng(0))
+    index_path, cache_path = write_dataset(tmp_path, index, images)
+    with pytest.raises(ValueError, match="val_fraction"):
+        run_linear_eval(index_path=index_path, cache_path=cache_path, init="random", fraction=1.0,
+                        arch="resnet18", out_dir=tmp_path / "run", seed=0, settings=fast_settings())
+
+
+# --- bad inputs ------------------------------------------------------------------------------------
+def test_bad_index_and_cache_are_named(tmp_path):
+    index = synthetic_index(4, 2, 1)
+    path = tmp_path / "index.csv"
+    index.drop(columns=["cache_row"]).to_csv(path, index=False)
+    with pytest.raises(BadInputError, match=r"index\.csv: missing columns \['cache_row'\]"):
+        load_nih_index(path)
+    bad = index.copy()
+    bad.loc[3, "Hernia"] = 2
+    bad.to_csv(path, index=False)
+    with pytest.raises(BadInputError, match=r"0 or 1: line 5 \(00000003_000.png\)"):
+        load_nih_index(path)
+    index.to_csv(path, index=False)
+    with pytest.raises(BadInputError, match="cache_row must be a non-negative integer below 5: line 7"):
+        load_nih_index(path, n_cache_rows=5)
+    leaky = index.copy()
+    leaky.loc[0, "patient_id"] = leaky.loc[7, "patient_id"]
+    leaky.to_csv(path, index=False)
+    with pytest.raises(BadInputError, match="both the train_val and the test list"):
+        load_nih_index(path)
+    np.save(tmp_path / "cache.npy", np.zeros((3, 8, 8), dtype=np.float32))
+    with pytest.raises(BadInputError, match=r"cache\.npy: expected a uint8"):
+        open_cache(tmp_path / "cache.npy")
+
+
+# --- scripts ---------------------------------------------------------------------------------------
+def run_script(*args: str) -> None:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "CXRSSL_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_scripts_end_to_end_learn_the_signal_and_summarise(learnable, tmp_path):
+    index_path, cache_path = learnable
+    torch.manual_seed(7)
+    checkpoint = tmp_path / "backbone.pth"
+    torch.save(backbone_state_dict(build_resnet("resnet18")), checkpoint)  # the pretraining contract
+    out, log = tmp_path / "barlowtwins" / "frac1.0", tmp_path / "run.log"
+    run_script("scripts/linear_eval.py", "--epochs", "5", "--batch-size", "16", "--lr", "0.2",
+               "--image-size", "16", "--workers", "0", "--val-fraction", "0.25", "--arch", "resnet18",
+               "--index", str(index_path), "--cache", str(cache_path), "--seed", "0", "--init", str(checkpoint),
+               "--init-name", "barlowtwins", "--fraction", "1.0", "--out-dir", str(out), "--log", str(log))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["init"] == "barlowtwins" and metrics["fraction"] == 1.0
+    assert set(metrics["test_auc"]) == set(NIH_FINDINGS)
+    assert metrics["test_mean_auc"] > 0.65, metrics  # the bright cells are learnt from frozen features
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5]
+    assert {"train_loss", "val_mean_auc"} <= set(history.columns)
+    assert "selected epoch" in log.read_text()
+
+    # a second arm at a lower fraction, then the summary script over both
+    low = tmp_path / "random" / "frac0.3"
+    run_linear_eval(index_path=index_path, cache_path=cache_path, init="random", fraction=0.3, arch="resnet18",
+                    out_dir=low, seed=0, settings=fast_settings(epochs=2))
+    metrics_paths = [str(low / "metrics.json"), str(out / "metrics.json")]
+    summary, plot = tmp_path / "summary.csv", tmp_path / "auc.png"
+    run_script("scripts/summarize_linear_eval.py", "--metrics", *metrics_paths, "--summary", str(summary),
+               "--plot", str(plot))
+    table = pd.read_csv(summary)
+    assert list(table[["init", "fraction"]].itertuples(index=False, name=None)) == [
+        ("random", 0.3), ("barlowtwins", 1.0)]
+    assert list(table.columns) == list(collect_metrics(metrics_paths).columns)
+    assert table.loc[1, "test_mean_auc"] == pytest.approx(metrics["test_mean_auc"])
+    assert table.loc[1, "Hernia"] == pytest.approx(metrics["test_auc"]["Hernia"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
