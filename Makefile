@@ -10,7 +10,7 @@ CORES ?= all
 MMCV_WHEEL ?= $(firstword $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-*.whl))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-test install-mmdet mmcv report dag lint clean-results
+.PHONY: demo test install install-test install-mmdet mmcv report dag lint pull clean-results
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ report: install
 
 dag: install
 	$(BIN)/snakemake --profile profiles/default --rulegraph | dot -Tsvg > docs/dag.svg
+
+# Fetch checkpoints and results from the DVC remote, then let Snakemake adopt them (no retraining).
+pull: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/dvc_pull.sh
 
 lint: install
 	$(BIN)/snakemake --lint

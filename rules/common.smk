@@ -109,6 +109,14 @@ def imagenet_flag():
     return f"--imagenet-weights {shlex.quote(path)}" if path else ""
 
 
+def torch_launcher(wildcards, resources):
+    """torchrun with one DDP process per GPU when the job has >= 2 GPUs, else plain python."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus >= 2:
+        return f"torchrun --standalone --nproc_per_node={gpus}"
+    return "python"
+
+
 def detection_engines():
     det = config["detection"]
     return list(dict.fromkeys([det["engine"], *det["engines"]]))

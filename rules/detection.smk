@@ -14,14 +14,6 @@ DET_TV_EXCLUDE = ("engine", "engines", "inits", "resolutions")
 DET_TV = DET_RUN.replace("{engine}", "torchvision")
 
 
-def detector_launcher(wildcards, resources):
-    """torchrun with one process per GPU when the job has >= 2 GPUs, else plain python."""
-    gpus = int(resources.get("gpu", 0) or 0)
-    if gpus >= 2:
-        return f"torchrun --standalone --nproc_per_node={gpus}"
-    return "python"
-
-
 rule train_detector_torchvision:
     input:
         train=VINDR_COCO.format(split="train"),
@@ -48,7 +40,7 @@ rule train_detector_torchvision:
         init=lambda wildcards: init_checkpoint(wildcards.init),
         imagenet=imagenet_flag(),
         out_dir=lambda wildcards, output: str(Path(output.best).parent),
-        launcher=detector_launcher,
+        launcher=torch_launcher,
     threads: config["detection"]["workers"] + 1  # main process + loader workers (CPU demo: 1 thread per job)
     resources:
         mem_mb=8000 if DEMO["enabled"] else 32000,

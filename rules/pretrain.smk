@@ -10,14 +10,6 @@ PRETRAIN_METRICS = f"{PRETRAIN_DIR}/metrics.csv"
 PRETRAIN_PLOT = f"{PRETRAIN_DIR}/loss.png"
 
 
-def pretrain_launcher(wildcards, resources):
-    """torchrun with one process per GPU when the job has >= 2 GPUs, else plain python."""
-    gpus = int(resources.get("gpu", 0) or 0)
-    if gpus >= 2:
-        return f"torchrun --standalone --nproc_per_node={gpus}"
-    return "python"
-
-
 rule pretrain_barlowtwins:
     input:
         index=NIH_INDEX,
@@ -35,7 +27,7 @@ rule pretrain_barlowtwins:
         imagenet=imagenet_flag(),
         seed=SEED,
         out_dir=PRETRAIN_DIR,
-        launcher=pretrain_launcher,
+        launcher=torch_launcher,
     threads: max(2, config["pretrain"]["workers"])  # torch threads + loader workers
     resources:
         mem_mb=16000,

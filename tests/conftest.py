@@ -29,7 +29,8 @@ TINY_CONFIG = {
     "linear_eval": {"inits": ["random", "barlowtwins"], "fractions": [0.5, 1.0], "epochs": 2,
                     "batch_size": 16, "image_size": 32, "workers": 0},
     "detection": {"arch": "resnet18", "inits": ["random", "barlowtwins"], "resolutions": [64],
-                  "epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_iters": 4, "workers": 0},
+                  "epochs": 2, "batch_size": 4, "lr": 0.005, "warmup_iters": 4, "workers": 0,
+                  "rpn_proposals": 100, "rois_per_image": 64},
     "evaluation": {"bootstrap": 20},
     "heatmaps": {"method": "eigen", "n_images": 1},
 }

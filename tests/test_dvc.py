@@ -145,7 +145,7 @@ def _copy_checkout(dest: Path) -> None:
         src, dst = REPO / rel, dest / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_symlink():
-            dst.symlink_to(os.readlink(src))  # params.yaml -> config.yaml
+            dst.symlink_to(os.readlink(src))
         else:
             shutil.copy2(src, dst)
 
@@ -218,24 +218,23 @@ def test_metrics_and_plots_show_the_headline_numbers(dvc_project):
 @pytest.mark.slow
 def test_exp_run_with_a_changed_setting_reruns_its_stage_only_and_diffs_metrics(dvc_project, demo_run):
     """`dvc exp run -S` on a detection-stage setting. The evaluation IoU keeps the test quick (only
-    evaluation reruns); `-S detection.lr=0.02` takes the same path through params.yaml -> config.yaml
+    evaluation reruns); `-S config.yaml:detection.lr=0.02` takes the same path through config.yaml
     and Snakemake's params trigger (tests/test_workflow.py checks which jobs that reruns)."""
     project, env = dvc_project
     backbone = "results/pretrain/barlowtwins/backbone.pth"
     before = json.loads((project / "results/metrics.json").read_text())
     # "+": the tiny config.yaml does not spell out voc_iou (its default, 0.4, comes from the schema)
-    out = _run(["dvc", "exp", "run", "-S", "+evaluation.voc_iou=0.5", "metrics"], project, env, timeout=1500)
+    out = _run(["dvc", "exp", "run", "-S", "config.yaml:+evaluation.voc_iou=0.5", "metrics"], project, env, timeout=1500)
     log = out.stdout + out.stderr
     assert "Running stage 'detection'" in log and "Running stage 'metrics'" in log, log[-5000:]
     assert "Running stage 'pretrain'" not in log and "Running stage 'linear_eval'" not in log, log[-5000:]
-    # -S edited config.yaml through the params.yaml link, and Snakemake reran evaluation only
-    assert (project / "params.yaml").is_symlink()
+    # -S edited config.yaml, and Snakemake reran evaluation only
     assert yaml.safe_load((project / "config.yaml").read_text())["evaluation"]["voc_iou"] == 0.5
     assert "rule evaluate:" in log and "rule train_detector_torchvision:" not in log, log[-5000:]
     # persist: true kept what did not change
     assert (project / backbone).read_bytes() == (demo_run / backbone).read_bytes()
     params = json.loads(_run(["dvc", "params", "diff", "--json"], project, env).stdout)
-    assert params["params.yaml"]["evaluation.voc_iou"] == {"old": None, "new": 0.5}
+    assert params["config.yaml"]["evaluation.voc_iou"] == {"old": None, "new": 0.5}
     diff = json.loads(_run(["dvc", "metrics", "diff", "--all", "--json"], project, env).stdout)
     changes = diff["results/metrics.json"]
     for run in ("random_64px_seed0", "barlowtwins_64px_seed0"):

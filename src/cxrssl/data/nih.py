@@ -313,3 +313,17 @@ def index_nih(root: str | Path, index_csv: str | Path, cache_npy: str | Path, qu
     atomic_write_csv(index, index_csv)
     log.info("wrote %s (%d images) and %s; %d quarantined", index_csv, len(index), cache_npy, len(quarantine))
     return index
+
+
+def open_cache(path: str | Path) -> np.ndarray:
+    """Memory-map the uint8 ``(N, S, S)`` cache written by :func:`build_cache` (read-only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NIH image cache {path} does not exist (rule index_nih makes it)")
+    try:
+        cache = np.load(path, mmap_mode="r")
+    except ValueError as exc:
+        raise BadInputError(str(path), f"not a .npy array: {exc}") from exc
+    if cache.dtype != np.uint8 or cache.ndim != 3 or cache.shape[1] != cache.shape[2]:
+        raise BadInputError(str(path), f"expected a uint8 (N, S, S) array, found {cache.dtype} {cache.shape}")
+    return cache

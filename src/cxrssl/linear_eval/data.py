@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 
 from cxrssl.classes import NIH_FINDINGS
 from cxrssl.errors import BadInputError
+from cxrssl.data.nih import open_cache  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,18 +71,6 @@ def load_nih_index(path: str | Path, n_cache_rows: int | None = None) -> pd.Data
     return frame
 
 
-def open_cache(path: str | Path) -> np.ndarray:
-    """The uint8 ``(N, S, S)`` image cache, memory-mapped (read-only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NIH image cache {path} does not exist")
-    try:
-        cache = np.load(path, mmap_mode="r")
-    except ValueError as exc:
-        raise BadInputError(str(path), f"not a .npy array: {exc}") from exc
-    if cache.dtype != np.uint8 or cache.ndim != 3 or cache.shape[1] != cache.shape[2]:
-        raise BadInputError(str(path), f"expected a uint8 (N, S, S) array, found {cache.dtype} {cache.shape}")
-    return cache
 
 
 def grey_to_rgb(image: torch.Tensor) -> torch.Tensor:

@@ -18,23 +18,12 @@ from torch.utils.data import Dataset, Sampler
 
 from cxrssl.errors import BadInputError
 from cxrssl.ssl.augment import TwoViews, sample_seed
+from cxrssl.data.nih import open_cache  # noqa: F401  (re-exported)
 
 PRETRAIN_SPLIT = "train_val"
 _INDEX_COLUMNS = ("image_index", "official_split", "cache_row")
 
 
-def open_cache(path: str | Path) -> np.ndarray:
-    """Memory-map the uint8 ``(N, S, S)`` cache, checking dtype and shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NIH image cache {path} does not exist (rule index_nih makes it)")
-    try:
-        cache = np.load(path, mmap_mode="r")
-    except ValueError as exc:
-        raise BadInputError(str(path), f"not a .npy array: {exc}") from exc
-    if cache.dtype != np.uint8 or cache.ndim != 3 or cache.shape[1] != cache.shape[2]:
-        raise BadInputError(str(path), f"expected uint8 (N, S, S), got {cache.dtype} {cache.shape}")
-    return cache
 
 
 def _where(path: Path, row: int) -> str:
