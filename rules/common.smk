@@ -1,6 +1,7 @@
-# Shared by every rule file: config validation, canonical output paths, and helpers.
+# Shared by all stage files: config validation, canonical output paths, and helpers.
 # Paths are defined here once; rule files and the report refer to these names.
 
+import os
 import shlex
 from pathlib import Path
 
@@ -20,8 +21,11 @@ except WorkflowError:
     raise
 
 ENV = "../envs/cxrssl.yaml"
-# Scripts are addressed from the Snakefile's folder so `--directory` elsewhere works.
+ENV_MMDET = "../envs/mmdet.yaml"  # cxrssl.yaml + mmengine/mmdet (mmcv wheel: post-deploy)
+# The scripts folder goes on PATH, so rules call scripts by name from any working directory
+# (`--directory`), locally and in cluster jobs (each job re-reads this file).
 SCRIPTS = str(Path(workflow.main_snakefile).parent / "scripts")
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(SCRIPTS)}:\"$PATH\"; ")
 RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
@@ -62,6 +66,10 @@ DET_RUN = f"{RESULTS}/detection/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"
 EVAL_RUN = f"{RESULTS}/evaluation/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"
 HEATMAP_RUN = f"{RESULTS}/heatmaps/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"
 EVAL_SUMMARY = f"{RESULTS}/evaluation/summary.csv"
+
+
+# Settings that select runs (wildcards), not flags: changing them must not rerun finished runs.
+DETECTION_RUN_SETTINGS = ("engine", "engines", "inits", "resolutions")
 
 
 wildcard_constraints:
@@ -110,11 +118,12 @@ def imagenet_flag():
 
 
 def torch_launcher(wildcards, resources):
-    """torchrun with one DDP process per GPU when the job has >= 2 GPUs, else plain python."""
+    """Prefix of a training script: torchrun with one DDP process per GPU when the job has >= 2
+    GPUs (--no-python: the script is found on PATH and has its own shebang), else nothing."""
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus >= 2:
-        return f"torchrun --standalone --nproc_per_node={gpus}"
-    return "python"
+        return f"torchrun --standalone --nproc_per_node={gpus} --no-python "
+    return ""
 
 
 def detection_engines():
@@ -141,3 +150,106 @@ def all_targets():
 
 # Rule files append zero-argument functions that return their final outputs.
 FINAL_TARGETS = []
+
+
+# --- helpers of the stage files (kept here: Snakemake lint wants definitions of rules and functions apart) ---
+
+
+# demo.smk
+
+def demo_ready():
+    """For input functions that glob the image folders: waits for the demo generator when enabled.
+
+    Returns the manifest as a list (usable as an input itself), [] when the demo is disabled.
+    """
+    if DEMO["enabled"]:
+        return [checkpoints.make_demo_data.get().output.manifest]
+    return []
+
+
+# convert.smk
+
+def vindr_dicom_dirs():
+    """The DICOM folders of either layout (PhysioNet: train/ and test/; Kaggle: train/, test/ if present)."""
+    return [f"{VINDR_ROOT}/{split}" for split in ("train", "test")]
+
+
+def vindr_dicom_files():
+    """Every DICOM of the layout's folders (sorted); an error naming the folders when there are none."""
+    files = sorted(f for d in vindr_dicom_dirs() for pattern in ("*.dicom", "*.dcm") for f in glob(f"{d}/{pattern}"))
+    if not files:
+        raise WorkflowError(f"no DICOMs in {VINDR_ROOT}/train or {VINDR_ROOT}/test: set vindr.root "
+                            "(and vindr.layout) to your VinDr-CXR copy, or enable the demo")
+    return files
+
+
+def vindr_dicom_inputs(wildcards):
+    """The DICOM folders as inputs (a folder's mtime changes when a file is added or removed).
+
+    Listing 15,000 DICOMs as inputs would flood every log with their names; the folders plus the
+    listing digest in params (below) rerun the rule on the same events, and the per-file cache in
+    the script keeps a rerun cheap: only new or changed files are converted.
+    """
+    ready = demo_ready()  # waits for the demo generator when demo.enabled
+    vindr_dicom_files()  # fail early and clearly when there is nothing to convert
+    return [*ready, *(d for d in vindr_dicom_dirs() if os.path.isdir(d))]
+
+
+def vindr_dicom_listing(wildcards):
+    """Digest of the DICOM names, sizes and mtimes: a changed set of files reruns the rule."""
+    import hashlib
+
+    demo_ready()
+    digest = hashlib.sha256()
+    for path in vindr_dicom_files():
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def nih_inputs(wildcards):
+    return [*demo_ready(), f"{NIH_ROOT}/Data_Entry_2017.csv", f"{NIH_ROOT}/train_val_list.txt", f"{NIH_ROOT}/test_list.txt"]
+
+
+# detection_mmdet.smk
+
+# evaluation.smk
+
+def evaluated_runs():
+    return [(run, expand(f"{EVAL_RUN}/metrics.json", **run)[0]) for run in detection_runs()]
+
+
+def run_flags():
+    return " ".join(
+        f"--run {run['engine']} {shlex.quote(str(run['init']))} {run['res']} {run['seed']} {shlex.quote(path)}"
+        for run, path in evaluated_runs()
+    )
+
+
+# heatmaps.smk
+
+def panel_inputs(wildcards):
+    return [expand(HEATMAP_MANIFEST, engine=wildcards.engine, init=init, res=wildcards.res, seed=wildcards.seed)[0]
+            for init in config["detection"]["inits"]]
+
+
+def panel_columns(wildcards):
+    return " ".join(f"--column {shlex.quote(init)} {shlex.quote(path)}"
+                    for init, path in zip(config["detection"]["inits"], panel_inputs(wildcards)))
+
+
+# linear_eval.smk
+
+def linear_fraction_label(fraction):
+    """Fraction as it appears in a run's folder name: 0.01, 0.1, 1.0 (never exponent notation)."""
+    return np.format_float_positional(float(fraction), trim="0")
+
+
+def linear_eval_metrics():
+    lin = config["linear_eval"]
+    return expand(
+        f"{LINEAR_RUN}/metrics.json",
+        init=lin["inits"],
+        fraction=[linear_fraction_label(f) for f in lin["fractions"]],
+    )
+

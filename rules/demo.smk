@@ -57,16 +57,6 @@ if DEMO["enabled"]:
         conda:
             ENV
         shell:
-            "python {SCRIPTS}/make_demo_data.py {params.args} --seed {params.seed} --log {log}"
+            "make_demo_data.py {params.args} --seed {params.seed} --log {log}"
 
     FINAL_TARGETS.append(lambda: [DEMO_MANIFEST, f"{DEMO_ROOT}/preview.png"])
-
-
-def demo_ready():
-    """For input functions that glob the image folders: waits for the demo generator when enabled.
-
-    Returns the manifest as a list (usable as an input itself), [] when the demo is disabled.
-    """
-    if DEMO["enabled"]:
-        return [checkpoints.make_demo_data.get().output.manifest]
-    return []

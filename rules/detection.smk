@@ -9,8 +9,6 @@
 # initial weights; a finished one with the same fingerprint rebuilds the outputs without training.
 # resources.gpu >= 2 launches one DDP process per GPU through torchrun; 0 or 1 runs one process.
 
-# Run-selecting lists are wildcards, not flags (changing them must not rerun finished runs).
-DET_TV_EXCLUDE = ("engine", "engines", "inits", "resolutions")
 DET_TV = DET_RUN.replace("{engine}", "torchvision")
 
 
@@ -36,7 +34,7 @@ rule train_detector_torchvision:
     benchmark:
         f"{BENCH}/detection/torchvision/{{init}}_{{res}}px_seed{{seed}}.tsv"
     params:
-        args=cli("detection", exclude=DET_TV_EXCLUDE),
+        args=cli("detection", exclude=DETECTION_RUN_SETTINGS),
         init=lambda wildcards: init_checkpoint(wildcards.init),
         imagenet=imagenet_flag(),
         out_dir=lambda wildcards, output: str(Path(output.best).parent),
@@ -49,7 +47,7 @@ rule train_detector_torchvision:
     conda:
         ENV
     shell:
-        "{params.launcher} {SCRIPTS}/train_detector.py --init {params.init:q} --init-name {wildcards.init}"
+        "{params.launcher}train_detector.py --init {params.init:q} --init-name {wildcards.init}"
         " --res {wildcards.res} --seed {wildcards.seed} --train-json {input.train:q}"
         " --val-json {input.val:q} --test-json {input.test:q} --out-dir {params.out_dir:q}"
         " {params.imagenet} {params.args} --log-file {log:q}"  # not --log: torchrun's parser takes it

@@ -4,12 +4,6 @@
 # `detection.engine: mmdet` or `detection.engines: [mmdet]`; needs mmcv with compiled ops
 # (`make mmcv`), otherwise the job fails saying how to install it.
 
-# Run-selecting settings are wildcards, not flags (and changing them must not rerun finished runs).
-MMDET_EXCLUDE = ("engine", "engines", "inits", "resolutions")
-
-
-def mmdet_detection_args():
-    return " ".join(shlex.quote(a) for a in section_to_cli("detection", config["detection"], exclude=MMDET_EXCLUDE))
 
 
 rule train_detector_mmdet:
@@ -33,7 +27,7 @@ rule train_detector_mmdet:
     wildcard_constraints:
         engine="mmdet",
     params:
-        args=mmdet_detection_args(),
+        args=cli("detection", exclude=DETECTION_RUN_SETTINGS),
         init=lambda wc: init_checkpoint(wc.init),
         imagenet=imagenet_flag(),
         out_dir=DET_RUN,
@@ -42,13 +36,13 @@ rule train_detector_mmdet:
     benchmark:
         f"{BENCH}/detection/{{engine}}/{{init}}_{{res}}px_seed{{seed}}.tsv"
     conda:
-        ENV
+        ENV_MMDET
     threads: 8
     resources:
         mem_mb=32000,
         runtime=1440,
     shell:
-        "python {SCRIPTS}/train_detector_mmdet.py --init {params.init:q} --res {wildcards.res} "
+        "train_detector_mmdet.py --init {params.init:q} --res {wildcards.res} "
         "--seed {wildcards.seed} --train-json {input.train:q} --val-json {input.val:q} "
         "--test-json {input.test:q} --out-dir {params.out_dir:q} {params.imagenet} {params.args} "
         "--log {log:q}"

@@ -20,7 +20,7 @@ rule evaluate:
         metrics=f"{EVAL_RUN}/metrics.json",
     params:
         # evaluation.seeds is the fine-tuning grid, not a setting of the metric
-        args=" ".join(shlex.quote(a) for a in section_to_cli("evaluation", config["evaluation"], exclude=("seeds",))),
+        args=cli("evaluation", exclude=("seeds",)),
         seed=SEED,
     log:
         f"{LOGS}/evaluate/{{engine}}/{{init}}_{{res}}px_seed{{seed}}.log",
@@ -33,19 +33,8 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python {SCRIPTS}/evaluate.py --gt {input.gt:q} --results {input.results:q} --out {output.metrics:q}"
+        "evaluate.py --gt {input.gt:q} --results {input.results:q} --out {output.metrics:q}"
         " --seed {params.seed} {params.args} --log {log:q}"
-
-
-def evaluated_runs():
-    return [(run, expand(f"{EVAL_RUN}/metrics.json", **run)[0]) for run in detection_runs()]
-
-
-def run_flags():
-    return " ".join(
-        f"--run {run['engine']} {shlex.quote(str(run['init']))} {run['res']} {run['seed']} {shlex.quote(path)}"
-        for run, path in evaluated_runs()
-    )
 
 
 rule summarize_detection:
@@ -69,7 +58,7 @@ rule summarize_detection:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python {SCRIPTS}/summarize_detection.py {params.runs} --csv {output.csv:q}"
+        "summarize_detection.py {params.runs} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --plot {output.plot:q} --log {log:q}"
 
 
@@ -96,7 +85,7 @@ rule summarize_data:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python {SCRIPTS}/summarize_data.py --vindr-metadata {input.vindr_metadata:q}"
+        "summarize_data.py --vindr-metadata {input.vindr_metadata:q}"
         " --vindr-split {input.vindr_split:q} --vindr-fused {input.vindr_fused:q} --nih-index {input.nih_index:q}"
         " --quarantine {input.quarantine:q} --html {output.html:q} --counts {output.counts:q}"
         " --quarantined {output.quarantined:q} --log {log:q}"

@@ -33,19 +33,9 @@ rule heatmaps:
         # Ablation-CAM: minutes per image on a CPU at paper resolution with the default ratio
         runtime=lambda wildcards: 10 + 10 * N_HEATMAPS,
     shell:
-        "python {SCRIPTS}/heatmaps.py run --engine {wildcards.engine} --checkpoint {input.checkpoint:q}"
+        "heatmaps.py run --engine {wildcards.engine} --checkpoint {input.checkpoint:q}"
         " --coco {input.coco:q} --out-dir $(dirname {output.manifest:q}) --label {wildcards.init:q}"
         " {params.args} --log {log:q}"
-
-
-def panel_inputs(wildcards):
-    return [expand(HEATMAP_MANIFEST, engine=wildcards.engine, init=init, res=wildcards.res, seed=wildcards.seed)[0]
-            for init in config["detection"]["inits"]]
-
-
-def panel_columns(wildcards):
-    return " ".join(f"--column {shlex.quote(init)} {shlex.quote(path)}"
-                    for init, path in zip(config["detection"]["inits"], panel_inputs(wildcards)))
 
 
 rule heatmap_panel:
@@ -66,7 +56,7 @@ rule heatmap_panel:
         mem_mb=2000,
         runtime=5,
     shell:
-        "python {SCRIPTS}/heatmaps.py panel {params.columns} --title {params.title:q} --out {output:q} --log {log:q}"
+        "heatmaps.py panel {params.columns} --title {params.title:q} --out {output:q} --log {log:q}"
 
 
 FINAL_TARGETS.append(

@@ -5,20 +5,6 @@
 import numpy as np
 
 
-def linear_fraction_label(fraction):
-    """Fraction as it appears in a run's folder name: 0.01, 0.1, 1.0 (never exponent notation)."""
-    return np.format_float_positional(float(fraction), trim="0")
-
-
-def linear_eval_metrics():
-    lin = config["linear_eval"]
-    return expand(
-        f"{LINEAR_RUN}/metrics.json",
-        init=lin["inits"],
-        fraction=[linear_fraction_label(f) for f in lin["fractions"]],
-    )
-
-
 rule linear_eval:
     input:
         index=NIH_INDEX,
@@ -46,7 +32,7 @@ rule linear_eval:
     conda:
         ENV
     shell:
-        "python {SCRIPTS}/linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
+        "linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
         " --fraction {wildcards.fraction} --arch {params.arch} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} {params.imagenet}"
         " --log {log:q}"
@@ -77,7 +63,7 @@ rule summarize_linear_eval:
     conda:
         ENV
     shell:
-        "python {SCRIPTS}/summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
+        "summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
         " --plot {output.plot:q} --log {log:q}"
 
 

@@ -26,7 +26,7 @@ rule pretrain_barlowtwins:
         args=cli("pretrain"),
         imagenet=imagenet_flag(),
         seed=SEED,
-        out_dir=PRETRAIN_DIR,
+        out_dir=lambda wildcards, output: str(Path(output.backbone).parent),
         launcher=torch_launcher,
     threads: max(2, config["pretrain"]["workers"])  # torch threads + loader workers
     resources:
@@ -36,7 +36,7 @@ rule pretrain_barlowtwins:
     conda:
         ENV
     shell:
-        "{params.launcher} {SCRIPTS}/pretrain.py --index {input.index:q} --cache {input.cache:q}"
+        "{params.launcher}pretrain.py --index {input.index:q} --cache {input.cache:q}"
         " --out-dir {params.out_dir:q} --seed {params.seed} --threads {threads} {params.imagenet}"
         " {params.args} --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
 

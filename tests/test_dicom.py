@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -133,6 +134,102 @@ def test_modality_rescale_is_applied_before_display(tmp_path):
     pixels = ramp()
     image, _ = read_dicom(write_dicom(tmp_path / "r.dicom", pixels, RescaleSlope=2, RescaleIntercept=-1000))
     np.testing.assert_allclose(image, pixels * 2.0 - 1000)
+
+
+def _lut_item(entries: int, first: int, bits: int = 16) -> Dataset:
+    """A LUT item (VOI or modality): a gamma-like curve over ``entries`` values from ``first``."""
+    item = Dataset()
+    item.LUTDescriptor = [entries, first, bits]
+    item.LUTData = np.rint(np.sqrt(np.arange(entries) / (entries - 1)) * (2**bits - 1)).astype(int).tolist()
+    item["LUTData"].VR = "US"
+    return item
+
+
+def _signed(bits: int = 12) -> np.ndarray:
+    return (ramp(bits=bits).astype(np.int32) - 2 ** (bits - 1)).astype(np.int16)
+
+
+# name -> (stored pixels, write_dicom keyword arguments): every header variant read_dicom handles
+VOI_VARIANTS = {
+    "none_12bit": (ramp(), {}),
+    "none_14bit": (ramp(bits=14), dict(bits=14)),
+    "none_16bit_full_range": (ramp(bits=16), dict(bits=16)),
+    "window": (ramp(), dict(WindowCenter=2048, WindowWidth=1024)),
+    "window_14bit": (ramp(bits=14), dict(bits=14, WindowCenter=9000, WindowWidth=6000)),
+    "window_16bit": (ramp(bits=16), dict(bits=16, WindowCenter=30000, WindowWidth=20001)),
+    "window_two_values": (ramp(), dict(WindowCenter=[2048, 1000], WindowWidth=[1024, 500])),
+    "window_linear_exact": (ramp(), dict(WindowCenter=2000.5, WindowWidth=999.5, VOILUTFunction="LINEAR_EXACT")),
+    "window_sigmoid": (ramp(), dict(WindowCenter=2048, WindowWidth=1500, VOILUTFunction="SIGMOID")),
+    "voi_lut_sequence": (ramp(), dict(WindowCenter=100, WindowWidth=10, VOILUTSequence=[_lut_item(4096, 0)])),
+    "voi_lut_offset_first_map": (ramp(), dict(VOILUTSequence=[_lut_item(2048, 1000, bits=12)])),
+    "monochrome1_window": (ramp(), dict(photometric="MONOCHROME1", WindowCenter=2048, WindowWidth=3000)),
+    "monochrome1_voi_lut": (ramp(), dict(photometric="MONOCHROME1", VOILUTSequence=[_lut_item(4096, 0)])),
+    "rescale_window": (ramp(), dict(RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=3000, WindowWidth=4000)),
+    "signed_rescale_window": (_signed(), dict(PixelRepresentation=1, RescaleSlope=0.5, RescaleIntercept=100,
+                                              WindowCenter=150, WindowWidth=700)),
+    "signed_16bit_full_range": (_signed(16), dict(bits=16, PixelRepresentation=1, RescaleSlope=1,
+                                                  RescaleIntercept=-1024, WindowCenter=0, WindowWidth=30000)),
+    "modality_lut_sequence": (ramp(), dict(ModalityLUTSequence=[_lut_item(4096, 0)], WindowCenter=30000,
+                                           WindowWidth=40000)),
+    "jpeg2000_monochrome1_window": (ramp(96, 72), dict(compress=JPEG2000Lossless, photometric="MONOCHROME1",
+                                                       WindowCenter=2048, WindowWidth=2000)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VOI_VARIANTS))
+def test_lookup_table_path_is_identical_to_pydicom_on_the_whole_image(tmp_path, name):
+    stored, kwargs = VOI_VARIANTS[name]
+    path = write_dicom(tmp_path / f"{name}.dicom", stored, **kwargs)
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    np.testing.assert_array_equal(pixels, stored)  # the variant really holds what it claims
+    assert dicom_mod._lookup_table(pixels, ds) is not None  # the fast path is the one under test
+    # reference: pydicom's own transforms over every pixel, the pre-optimisation code path
+    reference = np.asarray(apply_voi_lut(apply_modality_lut(pixels, ds), ds, prefer_lut=True), dtype=np.float32)
+    assert len(np.unique(reference)) > 16  # not a degenerate all-clipped image
+    np.testing.assert_array_equal(dicom_mod.voi_transform(pixels, ds), reference)
+    np.testing.assert_array_equal(dicom_mod.voi_transform(pixels, ds, use_table=False), reference)
+    # end to end, after the MONOCHROME1 flip and the 8-bit PNG quantisation
+    image, _ = read_dicom(path)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        reference = reference.max() + reference.min() - reference
+    np.testing.assert_array_equal(image, reference)
+    png, _ = to_display_png(image, 40, 8)
+    expected, _ = to_display_png(reference, 40, 8)
+    assert np.abs(png.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_float_data_and_huge_ranges_take_the_direct_path():
+    ds = Dataset()
+    ds.PhotometricInterpretation, ds.BitsStored, ds.PixelRepresentation = "MONOCHROME2", 16, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 1024
+    pixels = ramp()
+    expected = dicom_mod.voi_transform(pixels, ds)
+    floats = pixels.astype(np.float32)
+    assert dicom_mod._lookup_table(floats, ds) is None
+    np.testing.assert_array_equal(dicom_mod.voi_transform(floats, ds), expected)
+    wide = pixels.astype(np.int32) * 64  # range 0..262080: more entries than a table is built for
+    assert dicom_mod._lookup_table(wide, ds) is None
+    np.testing.assert_array_equal(dicom_mod.voi_transform(wide, ds, use_table=False),
+                                  dicom_mod.voi_transform(wide, ds))
+
+
+def test_jpeg2000_prefers_openjpeg_and_falls_back_when_it_fails(tmp_path, monkeypatch):
+    from pydicom.pixels.decoders import pylibjpeg as pylibjpeg_plugin
+
+    pixels = ramp(96, 72)
+    path = write_dicom(tmp_path / "j2k.dicom", pixels, compress=JPEG2000Lossless)
+    calls = []
+
+    def broken(src, **kwargs):
+        calls.append(len(src))
+        raise RuntimeError("simulated codestream error")
+
+    monkeypatch.setitem(pylibjpeg_plugin._DECODERS, JPEG2000Lossless, {"broken": broken})
+    image, meta = read_dicom(path)
+    assert calls, "the preferred plugin (pylibjpeg) was not tried first"
+    assert meta["transfer_syntax"] == JPEG2000Lossless
+    np.testing.assert_array_equal(image, pixels)  # decoded by the next plugin (gdcm or pillow)
 
 
 @pytest.mark.parametrize("codec", [JPEG2000Lossless, RLELossless])
