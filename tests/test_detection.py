@@ -423,3 +423,30 @@ def test_train_detector_script_help():
     for flag in ("--init", "--res", "--train-json", "--frozen-stages", "--rois-per-image", "--device"):
         assert flag in out
     assert "--inits" not in out and "--engine " not in out
+
+
+def test_gradient_clipping_caps_the_global_norm(data, monkeypatch):
+    """grad_clip > 0 clips every step to that global norm; 0 leaves gradients alone."""
+    from cxrssl.detection import engine
+
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = real(params, max_norm, *args, **kwargs)
+        seen.append((float(total), float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))), max_norm))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    model = build_detector("resnet18", "random", res=RES, rpn_proposals=50, rois_per_image=32)
+    loader = [collate([CocoDetection(data["train"])[i] for i in range(2)])]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.WarmupCosine(0.001, 0.0, 0, 4))
+    engine.train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), 1, grad_clip=0.0,
+                           show_progress=False)
+    assert seen == []
+    engine.train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), 2, grad_clip=1e-3,
+                           show_progress=False)
+    (before, after, max_norm), = seen
+    assert before > max_norm and after == pytest.approx(max_norm, rel=1e-3)

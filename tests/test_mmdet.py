@@ -407,3 +407,11 @@ def test_cpu_only_mmcv_on_a_gpu_machine_is_a_clear_error(engine, monkeypatch):
         engine.check_cuda_ops()
     monkeypatch.setattr(mmcv.ops, "get_compiling_cuda_version", lambda: "12.4")
     engine.check_cuda_ops()
+
+
+def test_gradient_clipping_reaches_the_mmdet_optimizer(tmp_path):
+    kwargs = dict(train_json=tmp_path / "a.json", val_json=tmp_path / "b.json", test_json=tmp_path / "c.json",
+                  work_dir=tmp_path / "w", res=128, backbone_checkpoint=None, seed=0)
+    assert "clip_grad" not in build_config(params(), **kwargs)["optim_wrapper"]  # the paper's: none
+    clipped = build_config(params(grad_clip=10.0), **kwargs)["optim_wrapper"]
+    assert clipped["clip_grad"] == {"max_norm": 10.0, "norm_type": 2}

@@ -63,9 +63,10 @@ def _reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int,
-                    amp: bool = False, show_progress: bool = True) -> list[dict]:
+                    amp: bool = False, show_progress: bool = True, grad_clip: float = 0.0) -> list[dict]:
     """Train for one pass over ``loader``, stepping the LR every iteration; one log row per iteration
-    (``epoch`` is the 1-based epoch number; ``iter`` counts iterations done, as mmdet's log)."""
+    (``epoch`` is the 1-based epoch number; ``iter`` counts iterations done, as mmdet's log).
+    ``grad_clip`` > 0 caps the global gradient norm of each step."""
     model.train()
     rows = []
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=progress_disabled() or not show_progress)
@@ -83,6 +84,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
         optimizer.step()
         iteration = scheduler.last_epoch + 1
         scheduler.step()

@@ -214,6 +214,8 @@ def build_config(params: Mapping[str, Any], *, train_json: str | Path, val_json:
         optim_wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16", optimizer=optimizer)
     else:
         optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer)
+    if float(params.get("grad_clip", 0) or 0) > 0:
+        optim_wrapper["clip_grad"] = dict(max_norm=float(params["grad_clip"]), norm_type=2)
     schedulers = []
     if int(params["warmup_iters"]) > 0:
         schedulers.append(dict(type="LinearLR", start_factor=WARMUP_START_FACTOR, by_epoch=False, begin=0,

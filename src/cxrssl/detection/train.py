@@ -264,7 +264,7 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
         sampler.set_epoch(index)
         train_set.set_epoch(index)
         rows = train_one_epoch(net, train_loader, optimizer, scheduler, dev, epoch, amp=amp,
-                               show_progress=info.is_main)
+                               show_progress=info.is_main, grad_clip=float(s.get("grad_clip", 0.0)))
         results = _predict_all(model, val_set, per_rank, s["workers"], dev, amp, 0.0, rank, world, "val")
         val_map = coco_map50(val_set.coco, results)
         for row in rows:
