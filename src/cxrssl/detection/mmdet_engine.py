@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrssl.classes import VINDR_CLASSES, check_class_names, coco_categories
+from cxrssl.detection.curves import plot_train_curve
 from cxrssl.errors import BadInputError
-from cxrssl.io import atomic_path, atomic_savefig, atomic_torch_save, atomic_write_csv, atomic_write_json
+from cxrssl.io import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json
 from cxrssl.utils import progress_disabled, seed_everything
 
 INSTALL_HINT = (
@@ -243,7 +244,7 @@ class TrainLogHook(Hook):
         frame = pd.DataFrame(self.rows)
         columns = [c for c in LOG_COLUMNS if c in frame] + [c for c in frame if c not in LOG_COLUMNS]
         atomic_write_csv(frame.reindex(columns=columns), self.csv_path)
-        plot_train_curve(frame, self.curve_path, self.title)
+        plot_train_curve(frame, self.curve_path, LOSS_KEYS, self.title)
 
     def before_test_epoch(self, runner) -> None:
         self._open_bar(len(runner.test_dataloader), "test predictions")
@@ -254,36 +255,6 @@ class TrainLogHook(Hook):
 
     def after_test_epoch(self, runner, metrics=None) -> None:
         self._close_bar()
-
-
-def plot_train_curve(frame, path: str | Path, title: str) -> None:
-    """Training losses per iteration and val mAP50 per epoch, side by side (as the torchvision engine)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
-    window = max(1, len(frame) // 50)  # smooth over ~2 % of the run; raw losses are noisy
-    for key in [c for c in LOSS_KEYS if c in frame]:
-        ax_loss.plot(frame["iter"], frame[key].rolling(window, min_periods=1).mean(), label=key,
-                     lw=2 if key == "loss" else 1)
-    ax_loss.legend(fontsize=8)
-    ax_loss.set_xlabel("iteration")
-    ax_loss.set_ylabel("training loss (moving mean)")
-    if "val_mAP50" in frame:
-        per_epoch = frame.dropna(subset=["val_mAP50"])
-        ax_map.plot(per_epoch["epoch"], per_epoch["val_mAP50"], marker="o")
-        if len(per_epoch):
-            best = per_epoch.loc[per_epoch["val_mAP50"].idxmax()]
-            ax_map.axvline(best["epoch"], color="grey", ls="--", lw=1)
-            ax_map.set_title(f"best val mAP50 {best['val_mAP50']:.3f} (epoch {int(best['epoch'])})", fontsize=10)
-    ax_map.set_xlabel("epoch")
-    ax_map.set_ylabel("val mAP50 (COCO)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def _attach_rule_log(logger: logging.Logger) -> None:

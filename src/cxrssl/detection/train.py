@@ -40,11 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from cxrssl.detection.curves import plot_train_curve
 from cxrssl.detection.dataset import CocoDetection, collate
 from cxrssl.detection.engine import LOSS_KEYS, WarmupCosine, coco_map50, predict_coco, train_one_epoch
 from cxrssl.detection.model import NUM_CLASSES, build_detector, build_meta
 from cxrssl.detection.transforms import read_grey_image
-from cxrssl.io import atomic_savefig, atomic_torch_save, atomic_write_csv, atomic_write_json
+from cxrssl.io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from cxrssl.ssl.distributed import cleanup_distributed, init_distributed, sync_batchnorm
 from cxrssl.utils import seed_everything
 
@@ -129,36 +130,7 @@ def _predict_all(model, dataset, batch_size, workers, device, amp, score_thr, ra
 def write_log_and_curve(history: list[dict], out_dir: Path) -> None:
     frame = pd.DataFrame(history, columns=LOG_COLUMNS)
     atomic_write_csv(frame, out_dir / "train_log.csv")
-    plot_curve(frame, out_dir / "train_curve.png")
-
-
-def plot_curve(frame: pd.DataFrame, path: Path) -> None:
-    """Training losses per iteration and val mAP50 per epoch, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
-    if len(frame):
-        window = max(1, len(frame) // 50)  # smooth over ~2 % of the run; raw losses are noisy
-        for key in ("loss", *LOSS_KEYS):
-            ax_loss.plot(frame["iter"], frame[key].rolling(window, min_periods=1).mean(), label=key,
-                         lw=2 if key == "loss" else 1)
-        ax_loss.legend(fontsize=8)
-        per_epoch = frame.dropna(subset=["val_mAP50"])
-        ax_map.plot(per_epoch["epoch"], per_epoch["val_mAP50"], marker="o")
-        if len(per_epoch):
-            best = per_epoch.loc[per_epoch["val_mAP50"].idxmax()]
-            ax_map.axvline(best["epoch"], color="grey", ls="--", lw=1)
-            ax_map.set_title(f"best val mAP50 {best['val_mAP50']:.3f} (epoch {int(best['epoch'])})", fontsize=10)
-    ax_loss.set_xlabel("iteration")
-    ax_loss.set_ylabel("training loss (moving mean)")
-    ax_map.set_xlabel("epoch")
-    ax_map.set_ylabel("val mAP50 (COCO)")
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
+    plot_train_curve(frame, out_dir / "train_curve.png", ("loss", *LOSS_KEYS))
 
 
 def _input_format(dataset: CocoDetection) -> tuple[int, int]:
