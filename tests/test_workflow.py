@@ -130,9 +130,9 @@ def test_the_detector_learns_the_demo_lesions(demo_run, tmp_path):
     untrained = evaluate(prep / "coco_test.json", predict_coco(untrained_model, loader, torch.device("cpu")),
                          bootstrap=0)
     # Deterministic on CPU: this tiny run (27 training images, 98 iterations) reaches 0.084; the full
-    # demo reaches 0.5-0.7 (README). The untrained detector scores 0.
-    assert untrained["mAP50"] < 0.01
-    assert trained["mAP50"] >= 0.05, trained
+    # demo reaches 0.3-0.7 (README). The untrained detector's chance hits on 12 images score 0.017.
+    assert untrained["mAP50"] < 0.03
+    assert trained["mAP50"] >= max(0.05, 3 * untrained["mAP50"]), (trained, untrained["mAP50"])
 
 
 @pytest.mark.mmdet
