@@ -140,7 +140,7 @@ def _read_cache(out_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def _cache_hit(record: dict | None, source: Path, stat: os.stat_result, size: int, bit_depth: int,
+def _cache_hit(record: dict | None, stat: os.stat_result, size: int, bit_depth: int,
                png: Path) -> bool:
     # Identity is (image_id, folder, size, mtime), not the absolute path: a moved or copied
     # checkout (or dataset) keeps its cache.
@@ -227,7 +227,7 @@ def convert_dicoms(
             "size": size, "bit_depth": bit_depth,
         }
         record = cache_by_key.get((image_id, split))
-        if _cache_hit(record, source, stat, size, bit_depth, png):
+        if _cache_hit(record, stat, size, bit_depth, png):
             rows[image_id] = {**record, **base}
             result.cached.append(image_id)
         else:
