@@ -35,7 +35,7 @@ rule parse_annotations:
         mem_mb=2000,
         runtime=15,
     shell:
-        "parse_annotations.py {params.args} --on-bad-input {params.on_bad_input}"
+        "{PY} {SCRIPTS}/parse_annotations.py {params.args} --on-bad-input {params.on_bad_input}"
         " --annotations {output.annotations} --quarantine {output.quarantine} --log {log}"
 
 
@@ -58,7 +58,7 @@ rule split_vindr:
         mem_mb=2000,
         runtime=10,
     shell:
-        "split_vindr.py {params.args} --layout {params.layout} --seed {params.seed}"
+        "{PY} {SCRIPTS}/split_vindr.py {params.args} --layout {params.layout} --seed {params.seed}"
         " --annotations {input.annotations} --metadata {input.metadata} --output {output} --log {log}"
 
 
@@ -104,7 +104,7 @@ rule fuse_boxes:
         mem_mb=4000,
         runtime=30,
     shell:
-        "fuse_boxes.py {params.args} --on-bad-input {params.on_bad_input}"
+        "{PY} {SCRIPTS}/fuse_boxes.py {params.args} --on-bad-input {params.on_bad_input}"
         " --annotations {input.annotations} --metadata {input.metadata} --split {input.split}"
         " --fused {output.fused} --coco-train {output.coco_train} --coco-val {output.coco_val}"
         " --coco-test {output.coco_test} --quarantine {output.quarantine}"

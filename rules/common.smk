@@ -3,6 +3,7 @@
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -22,10 +23,30 @@ except WorkflowError:
 
 ENV = "../envs/cxrssl.yaml"
 ENV_MMDET = "../envs/mmdet.yaml"  # cxrssl.yaml + mmengine/mmdet (mmcv wheel: post-deploy)
-# The scripts folder goes on PATH, so rules call scripts by name from any working directory
-# (`--directory`), locally and in cluster jobs (each job re-reads this file).
-SCRIPTS = str(Path(workflow.main_snakefile).parent / "scripts")
-shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(SCRIPTS)}:\"$PATH\"; ")
+
+
+def rule_python():
+    """The interpreter rules run their scripts with: the environment the workflow runs in.
+
+    Snakemake's own rule (as for `script:`): the interpreter running Snakemake itself
+    (sys.executable: the Makefile's venv, or any environment where cxrssl is installed; SLURM
+    jobs re-run Snakemake with that interpreter, so they get it too), or, with
+    `--software-deployment-method conda` / `apptainer`, the `python` of the rule's activated
+    environment. Never whatever `python` happens to be first on PATH.
+    """
+    from snakemake.settings.types import DeploymentMethod
+
+    methods = workflow.deployment_settings.deployment_method
+    if DeploymentMethod.CONDA in methods or DeploymentMethod.APPTAINER in methods:
+        return "python"
+    return shlex.quote(sys.executable)
+
+
+# Rules run `{PY} {SCRIPTS}/<name>.py ...`: absolute script paths work from any working
+# directory (`--directory`) and in cluster jobs (each job re-reads this file).
+PY = rule_python()
+SCRIPTS = shlex.quote(str(Path(workflow.main_snakefile).parent / "scripts"))
+shell.prefix("set -euo pipefail; ")
 RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
@@ -118,12 +139,12 @@ def imagenet_flag():
 
 
 def torch_launcher(wildcards, resources):
-    """Prefix of a training script: torchrun with one DDP process per GPU when the job has >= 2
-    GPUs (--no-python: the script is found on PATH and has its own shebang), else nothing."""
+    """How a training script starts: torchrun (`python -m torch.distributed.run`, the rule's
+    interpreter) with one DDP process per GPU when the job has >= 2 GPUs, else the interpreter."""
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus >= 2:
-        return f"torchrun --standalone --nproc_per_node={gpus} --no-python "
-    return ""
+        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={gpus}"
+    return PY
 
 
 def detection_engines():
@@ -175,12 +196,19 @@ def vindr_dicom_dirs():
 
 
 def vindr_dicom_files():
-    """Every DICOM of the layout's folders (sorted); an error naming the folders when there are none."""
-    files = sorted(f for d in vindr_dicom_dirs() for pattern in ("*.dicom", "*.dcm") for f in glob(f"{d}/{pattern}"))
-    if not files:
-        raise WorkflowError(f"no DICOMs in {VINDR_ROOT}/train or {VINDR_ROOT}/test: set vindr.root "
-                            "(and vindr.layout) to your VinDr-CXR copy, or enable the demo")
-    return files
+    """Every DICOM of the layout's folders (sorted); [] before the demo generator has run."""
+    return sorted(f for d in vindr_dicom_dirs() for pattern in ("*.dicom", "*.dcm") for f in glob(f"{d}/{pattern}"))
+
+
+def no_dicoms_error():
+    where = f"{VINDR_ROOT}/train or {VINDR_ROOT}/test"
+    if not DEMO["enabled"]:
+        hint = "set vindr.root (and vindr.layout) to your VinDr-CXR copy, or set demo.enabled: true"
+    elif os.path.normpath(VINDR_ROOT) != f"{DEMO_ROOT}/vindr":
+        hint = f"the demo writes its DICOMs to {DEMO_ROOT}/vindr: point vindr.root there or at your VinDr-CXR copy"
+    else:
+        hint = f"the demo generator's output is incomplete: delete {DEMO_ROOT} and run again"
+    return WorkflowError(f"no DICOMs (*.dicom, *.dcm) in {where}: {hint}")
 
 
 def vindr_dicom_inputs(wildcards):
@@ -191,7 +219,8 @@ def vindr_dicom_inputs(wildcards):
     the script keeps a rerun cheap: only new or changed files are converted.
     """
     ready = demo_ready()  # waits for the demo generator when demo.enabled
-    vindr_dicom_files()  # fail early and clearly when there is nothing to convert
+    if not vindr_dicom_files():  # fail early and clearly when there is nothing to convert
+        raise no_dicoms_error()
     return [*ready, *(d for d in vindr_dicom_dirs() if os.path.isdir(d))]
 
 

@@ -31,7 +31,7 @@ rule convert_dicom:
         mem_mb=lambda wildcards, threads: 1000 + 600 * threads,
         runtime=lambda wildcards, threads: 10 + len(vindr_dicom_files()) // (100 * threads),
     shell:
-        "convert_dicom.py --dicom-dirs {params.dirs:q} --out-dir {params.images:q}"
+        "{PY} {SCRIPTS}/convert_dicom.py --dicom-dirs {params.dirs:q} --out-dir {params.images:q}"
         " --metadata {output.metadata:q} --quarantine {output.quarantine:q} --workers {threads}"
         " --on-bad-input {params.on_bad_input} {params.args} --log {log:q}"
 
@@ -59,7 +59,7 @@ rule index_nih:
         mem_mb=lambda wildcards, threads: 1000 + 200 * threads,
         runtime=lambda wildcards, threads: 10 + 112120 // (3000 * threads),
     shell:
-        "index_nih.py {params.args} --index {output.index:q} --cache {output.cache:q}"
+        "{PY} {SCRIPTS}/index_nih.py {params.args} --index {output.index:q} --cache {output.cache:q}"
         " --quarantine {output.quarantine:q} --workers {threads} --on-bad-input {params.on_bad_input} --log {log:q}"
 
 

@@ -57,6 +57,6 @@ if DEMO["enabled"]:
         conda:
             ENV
         shell:
-            "make_demo_data.py {params.args} --seed {params.seed} --log {log}"
+            "{PY} {SCRIPTS}/make_demo_data.py {params.args} --seed {params.seed} --log {log}"
 
     FINAL_TARGETS.append(lambda: [DEMO_MANIFEST, f"{DEMO_ROOT}/preview.png"])

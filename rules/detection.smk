@@ -47,7 +47,7 @@ rule train_detector_torchvision:
     conda:
         ENV
     shell:
-        "{params.launcher}train_detector.py --init {params.init:q} --init-name {wildcards.init}"
+        "{params.launcher} {SCRIPTS}/train_detector.py --init {params.init:q} --init-name {wildcards.init}"
         " --res {wildcards.res} --seed {wildcards.seed} --train-json {input.train:q}"
         " --val-json {input.val:q} --test-json {input.test:q} --out-dir {params.out_dir:q}"
         " {params.imagenet} {params.args} --log-file {log:q}"  # not --log: torchrun's parser takes it

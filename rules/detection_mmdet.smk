@@ -42,7 +42,7 @@ rule train_detector_mmdet:
         mem_mb=32000,
         runtime=1440,
     shell:
-        "train_detector_mmdet.py --init {params.init:q} --res {wildcards.res} "
+        "{PY} {SCRIPTS}/train_detector_mmdet.py --init {params.init:q} --res {wildcards.res} "
         "--seed {wildcards.seed} --train-json {input.train:q} --val-json {input.val:q} "
         "--test-json {input.test:q} --out-dir {params.out_dir:q} {params.imagenet} {params.args} "
         "--log {log:q}"

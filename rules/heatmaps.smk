@@ -33,7 +33,7 @@ rule heatmaps:
         # Ablation-CAM: minutes per image on a CPU at paper resolution with the default ratio
         runtime=lambda wildcards: 10 + 10 * N_HEATMAPS,
     shell:
-        "heatmaps.py run --engine {wildcards.engine} --checkpoint {input.checkpoint:q}"
+        "{PY} {SCRIPTS}/heatmaps.py run --engine {wildcards.engine} --checkpoint {input.checkpoint:q}"
         " --coco {input.coco:q} --out-dir $(dirname {output.manifest:q}) --label {wildcards.init:q}"
         " {params.args} --log {log:q}"
 
@@ -56,7 +56,7 @@ rule heatmap_panel:
         mem_mb=2000,
         runtime=5,
     shell:
-        "heatmaps.py panel {params.columns} --title {params.title:q} --out {output:q} --log {log:q}"
+        "{PY} {SCRIPTS}/heatmaps.py panel {params.columns} --title {params.title:q} --out {output:q} --log {log:q}"
 
 
 FINAL_TARGETS.append(

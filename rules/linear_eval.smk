@@ -32,7 +32,7 @@ rule linear_eval:
     conda:
         ENV
     shell:
-        "linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
+        "{PY} {SCRIPTS}/linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
         " --fraction {wildcards.fraction} --arch {params.arch} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} {params.imagenet}"
         " --log {log:q}"
@@ -63,7 +63,7 @@ rule summarize_linear_eval:
     conda:
         ENV
     shell:
-        "summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
+        "{PY} {SCRIPTS}/summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
         " --plot {output.plot:q} --log {log:q}"
 
 

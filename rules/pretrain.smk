@@ -36,7 +36,7 @@ rule pretrain_barlowtwins:
     conda:
         ENV
     shell:
-        "{params.launcher}pretrain.py --index {input.index:q} --cache {input.cache:q}"
+        "{params.launcher} {SCRIPTS}/pretrain.py --index {input.index:q} --cache {input.cache:q}"
         " --out-dir {params.out_dir:q} --seed {params.seed} --threads {threads} {params.imagenet}"
         " {params.args} --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
 

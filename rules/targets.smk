@@ -82,7 +82,7 @@ rule collect_metrics:
         mem_mb=500,
         runtime=5,
     shell:
-        "collect_metrics.py --detection {input.detection:q} --linear {input.linear:q}"
+        "{PY} {SCRIPTS}/collect_metrics.py --detection {input.detection:q} --linear {input.linear:q}"
         " --output {output:q} --log {log:q}"
 
 

@@ -36,15 +36,30 @@ TINY_CONFIG = {
 }
 
 
+#: The PATH of a fresh login shell: no virtual environment, conda env or scripts folder on it.
+BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def bare_env(**extra: str) -> dict[str, str]:
+    """The environment of a newcomer's plain shell: system PATH only, nothing activated.
+
+    Snakemake itself is started with this test session's interpreter (as `.venv/bin/snakemake`
+    would be); the rules must find that interpreter on their own, not through PATH.
+    """
+    drop = {"VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "PYTHONHOME"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PATH"] = BARE_PATH
+    env.update(extra)
+    return env
+
+
 def snakemake(workdir: Path, *args: str, configfile: Path | None = None, check: bool = True,
               timeout: int = 1500) -> subprocess.CompletedProcess:
     """Run Snakemake on the repository's Snakefile in ``workdir``."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir),
            "--configfile", str(configfile or workdir / "config.yaml"), "--cores", "2",
            *args]
-    env = dict(os.environ, CXRSSL_PROGRESS="0", PYTHONHASHSEED="0")
-    # Scripts run with the interpreter of this test session.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = bare_env(CXRSSL_PROGRESS="0", PYTHONHASHSEED="0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-8000:]}")

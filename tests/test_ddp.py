@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cxrssl.ssl.barlow import BarlowTwins
-from cxrssl.ssl.distributed import AllReduceBatchNorm, sync_batchnorm
+from cxrssl.runtime import AllReduceBatchNorm, sync_batchnorm
 from cxrssl.ssl.lars import LARS, lars_param_groups
 
 REPO = Path(__file__).resolve().parents[1]

@@ -123,7 +123,8 @@ def _env(tmp: Path) -> dict:
                DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.org",
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.org")
-    # dvc, snakemake and the scripts come from this test session's environment
+    # DVC is run as its users run it: in an activated environment (its bin first on PATH), since
+    # dvc.yaml stages call `snakemake`. The rules themselves do not rely on PATH (test_workflow).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 

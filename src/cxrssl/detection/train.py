@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
@@ -46,7 +44,8 @@ from cxrssl.detection.engine import LOSS_KEYS, WarmupCosine, coco_map50, predict
 from cxrssl.detection.model import NUM_CLASSES, build_detector, build_meta
 from cxrssl.detection.transforms import read_grey_image
 from cxrssl.io import atomic_torch_save, atomic_write_csv, atomic_write_json
-from cxrssl.ssl.distributed import cleanup_distributed, init_distributed, sync_batchnorm
+from cxrssl.runtime import (cleanup_distributed, gather_objects, init_distributed, load_checkpoint, rng_state,
+                             set_rng_state, sha256_file, sync_batchnorm)
 from cxrssl.utils import seed_everything
 
 log = logging.getLogger(__name__)
@@ -56,61 +55,18 @@ LOG_COLUMNS = ["epoch", "iter", "loss", *LOSS_KEYS, "lr", "val_mAP50"]
 _NOT_FINGERPRINTED = ("workers",)
 
 
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(settings: dict, init: str, res: int, seed: int, world_size: int, jsons: list[Path],
                 imagenet_weights: str | Path | None) -> str:
     """Hash of everything that determines the trained weights (settings, data, initial weights)."""
     parts: dict[str, Any] = {
         "settings": {k: v for k, v in sorted(settings.items()) if k not in _NOT_FINGERPRINTED},
         "init": str(init), "res": int(res), "seed": int(seed), "world_size": int(world_size),
-        "data": [_sha256(p) for p in jsons],
+        "data": [sha256_file(p) for p in jsons],
     }
     for name, value in (("init_file", init), ("imagenet_file", imagenet_weights if init == "imagenet" else None)):
         if value and Path(value).is_file():
-            parts[name] = _sha256(value)
+            parts[name] = sha256_file(value)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "python": _to_lists(random.getstate()),
-    }
-
-
-def _to_lists(obj):
-    return [_to_lists(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
-
-
-def _to_tuples(obj):
-    return tuple(_to_tuples(o) for o in obj) if isinstance(obj, list) else obj
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    random.setstate(_to_tuples(state["python"]))
-
-
-def _gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _shard(dataset, rank: int, world_size: int):
@@ -122,7 +78,7 @@ def _predict_all(model, dataset, batch_size, workers, device, amp, score_thr, ra
     loader = DataLoader(_shard(dataset, rank, world_size), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
     mine = predict_coco(model, loader, device, amp=amp, score_thr=score_thr, desc=desc, show_progress=rank == 0)
-    parts = _gather(mine, world_size)
+    parts = gather_objects(mine, world_size)
     results = [r for part in parts for r in part]
     return sorted(results, key=lambda r: (r["image_id"], -r["score"], r["category_id"], r["bbox"]))
 
@@ -202,7 +158,9 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
     start_epoch, best_map, best_epoch, best_state, history = 0, -math.inf, 0, None, []
     state = None
     if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(last_path, "detection resume checkpoint (last.pth)")
+        if not isinstance(state, dict):
+            state = {}
         if state.get("fingerprint") != fp:
             log.warning("%s was made with other settings, data or initial weights: starting over", last_path)
             state = None
@@ -216,7 +174,7 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
         rng = state["rng"]
         if len(rng) != world:
             raise RuntimeError(f"{last_path} holds {len(rng)} ranks' RNG states, this run has {world}")
-        _set_rng_state(rng[rank])
+        set_rng_state(rng[rank])
         log.info("resuming from %s after epoch %d (best val mAP50 %.4f at epoch %d)", last_path, start_epoch,
                  best_map, best_epoch)
         del state
@@ -246,7 +204,7 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
         if val_map > best_map:
             best_map, best_epoch = val_map, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        rng = _gather(_rng_state(), world)
+        rng = gather_objects(rng_state(), world)
         if info.is_main:
             if best_epoch == epoch:
                 atomic_torch_save({"model": best_state, "meta": meta, "epoch": epoch, "val_mAP50": val_map},

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cxrssl.ssl.distributed import all_reduce_sum
+from cxrssl.runtime import all_reduce_sum
 
 
 def build_projector(in_dim: int, widths: Sequence[int]) -> nn.Sequential:

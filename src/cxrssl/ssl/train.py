@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,12 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cxrssl.errors import BadInputError
 from cxrssl.io import atomic_savefig, atomic_torch_save, atomic_write_csv
 from cxrssl.models.backbone import FEATURE_DIMS, backbone_state_dict, build_resnet
 from cxrssl.ssl.augment import TwoViews, normalize_views
 from cxrssl.ssl.barlow import BarlowTwins
 from cxrssl.ssl.data import NIHPairDataset, PairSampler, open_cache
-from cxrssl.ssl.distributed import DistInfo, cleanup_distributed, init_distributed, sync_batchnorm
+from cxrssl.runtime import (DistInfo, cleanup_distributed, configure_threads, init_distributed, load_checkpoint,
+                             rng_state, set_rng_state, sync_batchnorm)
 from cxrssl.ssl.lars import LARS, lars_param_groups, set_learning_rates
 from cxrssl.utils import progress_disabled, seed_everything
 
@@ -61,21 +62,6 @@ def _fingerprint(settings: dict, seed: int, data: str, imagenet_weights) -> str:
     keyed = {k: settings[k] for k in _RESULT_KEYS}
     keyed.update(seed=seed, data=data, imagenet_weights=str(imagenet_weights) if settings["init"] == "imagenet" else None)
     return json.dumps(keyed, sort_keys=True)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_loss_plot(metrics: pd.DataFrame, path: str | Path) -> None:
@@ -126,8 +112,7 @@ def pretrain(index: str | Path, cache: str | Path, out_dir: str | Path, settings
 
 def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, seed: int, imagenet_weights,
               ckpt_path: Path, resume: bool, stop_after_steps: int | None, threads: int | None) -> Path | None:
-    if threads:
-        torch.set_num_threads(max(1, threads // info.world_size))
+    configure_threads(threads, info.world_size)
     seed_everything(seed)
     dev = info.device
     cuda = dev.type == "cuda"
@@ -156,8 +141,10 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
     fingerprint = _fingerprint(s, seed, data_fingerprint(index, cache), imagenet_weights)
     step, rows = 0, []
     if resume and ckpt_path.is_file():
-        # our own file (holds Python RNG tuples), hence weights_only=False
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path, "pretraining resume checkpoint")
+        if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng", "metrics"} <= set(state):
+            raise BadInputError(str(ckpt_path), "not a cxrssl pretraining checkpoint (needs model, optimizer, "
+                                "step, rng and metrics); delete it or pass --no-resume")
         if state.get("fingerprint") != fingerprint:
             log.warning("%s is from other settings or data; training from scratch", ckpt_path)
         elif state["step"] >= total_steps:
@@ -166,7 +153,7 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step, rows = int(state["step"]), list(state["metrics"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             log.info("resumed from %s at step %d/%d (epoch %d)", ckpt_path, step, total_steps, step // per_epoch)
     log.info("%d train_val images, global batch %d on %d process(es) (%s), %d steps/epoch, %d steps",
              len(dataset), global_batch, info.world_size, dev, per_epoch, total_steps)
@@ -176,7 +163,7 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
                                "scaler": None,  # bf16 autocast needs no gradient scaler
-                               "rng": _rng_state(), "fingerprint": fingerprint, "metrics": rows}, ckpt_path)
+                               "rng": rng_state(), "fingerprint": fingerprint, "metrics": rows}, ckpt_path)
 
     net = DistributedDataParallel(model, device_ids=[dev.index] if cuda else None) if info.distributed else model
     net.train()

@@ -1,0 +1,47 @@
+"""Same result on every machine of a kind: pin the CPU kernels before torch is imported.
+
+torch picks its vectorised CPU kernels (ATen), oneDNN its convolutions and MKL its matrix
+products by the vector units of the processor it runs on. Two x86 machines of one kind, one with
+AVX-512 and one without, then add the same numbers in different orders, and a training run
+drifts apart after a few hundred steps. :func:`pin_cpu_kernels` sets, unless the user already
+set them:
+
+* ``ATEN_CPU_CAPABILITY=avx2``: torch's own kernels use the AVX2 code path;
+* ``DNNL_MAX_CPU_ISA=AVX2``: oneDNN (convolutions) uses at most AVX2;
+* ``MKL_CBWR=AVX2,STRICT``: MKL's conditional numerical reproducibility mode for AVX2 machines
+  (matrix products give bit-identical results on any AVX2 processor, Intel or AMD).
+
+They take effect only when set before torch (and MKL, oneDNN) load, which is why ``cxrssl``
+sets them on import and the scripts import ``cxrssl`` first. On processors without AVX2 (or
+not x86) nothing is set. ``CXRSSL_PIN_CPU=0`` turns the pinning off (for speed measurements).
+Thread counts are the other half (:func:`cxrssl.runtime.configure_threads`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+def _has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return " avx2" in line
+    except OSError:
+        return False
+    return False
+
+
+def pin_cpu_kernels() -> dict[str, str]:
+    """Set the variables of :data:`PINNED` that are not set yet; returns those now in effect."""
+    if os.environ.get("CXRSSL_PIN_CPU", "1").lower() in ("0", "false", "no") or not _has_avx2():
+        return {}
+    for key, value in PINNED.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in PINNED}
