@@ -51,6 +51,7 @@ RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 SEED = config["seed"]
+TORCH_THREADS = config["torch_threads"]
 ON_BAD_INPUT = config["on_bad_input"]
 NIH_ROOT = config["nih"]["root"]
 VINDR_ROOT = config["vindr"]["root"]

@@ -34,12 +34,13 @@ rule train_detector_torchvision:
     benchmark:
         f"{BENCH}/detection/torchvision/{{init}}_{{res}}px_seed{{seed}}.tsv"
     params:
+        torch_threads=TORCH_THREADS,  # part of the result on CPU (see the schema)
         args=cli("detection", exclude=DETECTION_RUN_SETTINGS),
         init=lambda wildcards: init_checkpoint(wildcards.init),
         imagenet=imagenet_flag(),
         out_dir=lambda wildcards, output: str(Path(output.best).parent),
         launcher=torch_launcher,
-    threads: config["detection"]["workers"] + 1  # main process + loader workers (CPU demo: 1 thread per job)
+    threads: TORCH_THREADS + config["detection"]["workers"]  # torch threads + loader workers
     resources:
         mem_mb=8000 if DEMO["enabled"] else 32000,
         runtime=120 if DEMO["enabled"] else 24 * 60,
@@ -48,7 +49,7 @@ rule train_detector_torchvision:
         ENV
     shell:
         "{params.launcher} {SCRIPTS}/train_detector.py --init {params.init:q} --init-name {wildcards.init}"
-        " --res {wildcards.res} --seed {wildcards.seed} --train-json {input.train:q}"
+        " --res {wildcards.res} --seed {wildcards.seed} --threads {params.torch_threads} --train-json {input.train:q}"
         " --val-json {input.val:q} --test-json {input.test:q} --out-dir {params.out_dir:q}"
         " {params.imagenet} {params.args} --log-file {log:q}"  # not --log: torchrun's parser takes it
 

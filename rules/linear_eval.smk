@@ -19,13 +19,14 @@ rule linear_eval:
     benchmark:
         f"{BENCH}/linear_eval/{{init}}_frac{{fraction}}.tsv"
     params:
+        torch_threads=TORCH_THREADS,  # part of the result on CPU (see the schema)
         args=cli("linear_eval", exclude=("inits", "fractions")),
         init=lambda wildcards: init_checkpoint(wildcards.init),
         arch=config["pretrain"]["arch"],
         imagenet=imagenet_flag(),
         out_dir=lambda wildcards, output: str(Path(output.metrics).parent),
         seed=SEED,
-    threads: 4
+    threads: TORCH_THREADS + config["linear_eval"]["workers"]
     resources:
         mem_mb=8000,
         runtime=600,
@@ -34,7 +35,7 @@ rule linear_eval:
     shell:
         "{PY} {SCRIPTS}/linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
         " --fraction {wildcards.fraction} --arch {params.arch} --index {input.index:q}"
-        " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} {params.imagenet}"
+        " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} --threads {params.torch_threads} {params.imagenet}"
         " --log {log:q}"
 
 

@@ -23,12 +23,13 @@ rule pretrain_barlowtwins:
     benchmark:
         f"{BENCH}/pretrain_barlowtwins.tsv"
     params:
+        torch_threads=TORCH_THREADS,  # part of the result on CPU (see the schema)
         args=cli("pretrain"),
         imagenet=imagenet_flag(),
         seed=SEED,
         out_dir=lambda wildcards, output: str(Path(output.backbone).parent),
         launcher=torch_launcher,
-    threads: max(2, config["pretrain"]["workers"])  # torch threads + loader workers
+    threads: TORCH_THREADS + config["pretrain"]["workers"]  # torch threads + loader workers
     resources:
         mem_mb=16000,
         runtime=60 if DEMO["enabled"] else 72 * 60,
@@ -37,7 +38,7 @@ rule pretrain_barlowtwins:
         ENV
     shell:
         "{params.launcher} {SCRIPTS}/pretrain.py --index {input.index:q} --cache {input.cache:q}"
-        " --out-dir {params.out_dir:q} --seed {params.seed} --threads {threads} {params.imagenet}"
+        " --out-dir {params.out_dir:q} --seed {params.seed} --threads {params.torch_threads} {params.imagenet}"
         " {params.args} --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
 
 

@@ -31,14 +31,18 @@ def main() -> None:
     parser.add_argument("--out-dir", required=True, help="Run folder for split.csv, history.csv, metrics.json.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the splits, subsets and training.")
     parser.add_argument("--imagenet-weights", default=None, help="Local ImageNet state dict (offline machines).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of this job (fixed, so CPU results do not depend on the cores granted).")
     parser.add_argument("--log", default=None, help="Log file.")
     add_section_args(parser, "linear_eval", exclude=EXCLUDE)
     args = parser.parse_args()
 
     from cxrssl.linear_eval import run_linear_eval
+    from cxrssl.runtime import configure_threads
     from cxrssl.utils import setup_logging
 
     setup_logging(args.log)
+    configure_threads(args.threads)
     run_linear_eval(index_path=args.index, cache_path=args.cache, init=args.init, fraction=args.fraction,
                     arch=args.arch, out_dir=args.out_dir, seed=args.seed,
                     settings=section_args(args, "linear_eval", exclude=EXCLUDE),

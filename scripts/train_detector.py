@@ -26,14 +26,18 @@ def main() -> None:
     parser.add_argument("--imagenet-weights", default=None, help="Local ImageNet state dict (offline machines).")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     # --log-file is the spelling to use under torchrun, whose own parser takes --log for --log-dir
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of this job (fixed, so CPU results do not depend on the cores granted).")
     parser.add_argument("--log", "--log-file", dest="log", default=None, help="Log file.")
     add_section_args(parser, "detection", exclude=EXCLUDE)
     args = parser.parse_args()
 
     from cxrssl.detection.train import train_detector
+    from cxrssl.runtime import configure_threads
     from cxrssl.utils import setup_logging
 
     setup_logging(args.log)
+    configure_threads(args.threads)
     train_detector(args.train_json, args.val_json, args.test_json, args.out_dir, init=args.init, res=args.res,
                    seed=args.seed, settings=section_args(args, "detection", exclude=EXCLUDE),
                    imagenet_weights=args.imagenet_weights, device=args.device, init_name=args.init_name)

@@ -17,6 +17,7 @@ SNAKEFILE = REPO / "Snakefile"
 # A demo small enough for a test: every stage runs, on a handful of images, for an epoch or two.
 TINY_CONFIG = {
     "seed": 0,
+    "torch_threads": 1,
     "results_dir": "results",
     "on_bad_input": "skip",
     "demo": {"enabled": True, "root": "data/demo", "n_nih": 48, "n_nih_patients": 16,

@@ -196,17 +196,19 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
 
 # --- threads ------------------------------------------------------------------------------------
 
-def configure_threads(threads: int | None, world_size: int = 1) -> int:
+def configure_threads(threads: int | None, world_size: int | None = None) -> int:
     """Fix torch's CPU thread counts for this process; returns the intra-op count.
 
     ``threads`` is the job's budget shared by all ranks on the node (None: leave torch's
-    default). CPU reductions split their work by thread count, so the count is part of what
+    default); ``world_size`` defaults to torchrun's ``LOCAL_WORLD_SIZE`` (1 without it). CPU reductions split their work by thread count, so the count is part of what
     makes a CPU result reproducible: rules pass a count from the config, never the number of
     cores a scheduler happened to grant. The inter-op pool gets one thread (the loops here run
     no parallel graph branches).
     """
     if not threads:
         return torch.get_num_threads()
+    if world_size is None:
+        world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     n = max(1, int(threads) // max(1, world_size))
     torch.set_num_threads(n)
     try:

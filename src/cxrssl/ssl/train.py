@@ -112,7 +112,7 @@ def pretrain(index: str | Path, cache: str | Path, out_dir: str | Path, settings
 
 def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, seed: int, imagenet_weights,
               ckpt_path: Path, resume: bool, stop_after_steps: int | None, threads: int | None) -> Path | None:
-    configure_threads(threads, info.world_size)
+    configure_threads(threads)
     seed_everything(seed)
     dev = info.device
     cuda = dev.type == "cuda"
