@@ -95,3 +95,77 @@ def test_exported_backbone_loads_into_torchvision_unchanged(tmp_path):
     fresh = torchvision.models.resnet18()
     result = fresh.load_state_dict(torch.load(path, weights_only=True), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+
+
+# --- atomic writes on a full disk, output locks, supervised workers ----------------------------
+
+def test_a_failed_write_names_the_file_and_the_reason(tmp_path, monkeypatch):
+    import errno
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError) as info:
+        atomic_write_json({"v": 1}, tmp_path / "out" / "metrics.json")
+    assert info.value.errno == errno.ENOSPC
+    assert str(tmp_path / "out" / "metrics.json") in str(info.value) and "No space left" in str(info.value)
+    assert list((tmp_path / "out").iterdir()) == []  # no temporary file left behind
+
+
+def test_exclusive_lock_refuses_a_second_job_and_dies_with_its_holder(tmp_path):
+    from worker_tasks import hold_lock
+
+    from cxrssl.io import OutputBusyError, exclusive_lock
+
+    lock = tmp_path / "out" / ".lock"
+    holder = hold_lock(lock)
+    try:
+        with pytest.raises(OutputBusyError, match=rf"the folder out is being written by another job \(pid {holder.pid}"):
+            with exclusive_lock(lock, "the folder out"):
+                pass
+    finally:
+        holder.kill()  # as kill -9 would: the kernel releases the lock
+        holder.wait()
+    with exclusive_lock(lock, "the folder out"):
+        with pytest.raises(OutputBusyError):  # a second holder in the same process is refused too
+            with exclusive_lock(lock, "the folder out"):
+                pass
+
+
+def test_worker_pool_survives_killed_crashed_and_hanging_workers():
+    import worker_tasks
+    from cxrssl.data.workers import TaskFailed, run_tasks
+
+    tasks = [("ok", i) for i in range(6)] + [("kill", 0), ("segv", 0), ("sleep", 60)] + [("ok", i) for i in range(6, 12)]
+    out = dict(run_tasks(worker_tasks.work, tasks, 2, timeout_s=3))
+    assert sorted(out) == list(range(len(tasks)))  # every task answered: nothing hangs
+    assert all(out[i] == 2 * n for i, (kind, n) in enumerate(tasks) if kind == "ok")
+    assert "killed by SIGKILL" in out[6].reason and "(2 attempts)" in out[6].reason  # retried once
+    assert "killed by SIGSEGV" in out[7].reason
+    assert "stopped after 3 s" in out[8].reason and "attempts" not in out[8].reason  # a hang is not retried
+    assert all(isinstance(out[i], TaskFailed) for i in (6, 7, 8))
+
+
+def test_worker_pool_raises_for_errors_that_are_not_the_task():
+    import worker_tasks
+    from cxrssl.data.workers import WorkerError, run_tasks
+
+    with pytest.raises(WorkerError, match="ValueError: boom"):
+        dict(run_tasks(worker_tasks.work, [("ok", 1), ("raise", 0)], 1))
+    with pytest.raises(WorkerError, match="could not start .*exited with status 3"):
+        dict(run_tasks(worker_tasks.work, [("ok", 1)] * 3, 1, initializer=worker_tasks.cannot_start))
+
+
+def test_closing_the_pool_early_stops_its_workers():
+    import psutil
+    import worker_tasks
+    from cxrssl.data.workers import run_tasks
+
+    stream = run_tasks(worker_tasks.work, [("ok", 1)] + [("sleep", 60)] * 3, 2)
+    next(stream)
+    workers = worker_tasks.pool_workers()
+    assert len(workers) == 2
+    stream.close()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
