@@ -7,19 +7,18 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from cxrssl.config import ConfigError, schema_path, section_to_cli, validate_config
+from cxrssl.config import ConfigError, section_to_cli, validate_config
 
-# --- config: validate before any job runs; errors name the key and what is wrong -------------
+# --- config: validate before any job runs; errors name the files, the key and what is wrong ---
+# cxrssl.config checks the schema, NaN/infinity and the cross-checks between sections; the
+# validated copy (defaults filled in) replaces the config the rules read. (Snakemake itself
+# refuses an empty or malformed config file before this point.)
 try:
-    validate(config, schema=str(schema_path()), set_default=True)
-except WorkflowError:
-    try:
-        validate_config(config, source="config")
-    except ConfigError as exc:
-        raise WorkflowError(str(exc)) from None
-    raise
+    _validated = validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+config.update(_validated)
 
 ENV = "../envs/cxrssl.yaml"
 ENV_MMDET = "../envs/mmdet.yaml"  # cxrssl.yaml + mmengine/mmdet (mmcv wheel: post-deploy)

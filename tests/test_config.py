@@ -108,7 +108,8 @@ def test_every_setting_is_documented_and_well_formed():
     from cxrssl.config import load_schema
 
     known = {"type", "default", "description", "enum", "minimum", "maximum", "exclusiveMinimum",
-             "exclusiveMaximum", "items", "minItems", "properties", "additionalProperties"}
+             "exclusiveMaximum", "items", "minItems", "properties", "additionalProperties", "pattern",
+             "minLength", "uniqueItems"}
 
     def walk(node, path):
         for name, prop in node.get("properties", {}).items():
@@ -119,3 +120,64 @@ def test_every_setting_is_documented_and_well_formed():
             walk(prop, where)
 
     walk(load_schema(), "")
+
+
+# --- hostile configs (issue 11) -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"results_dir": ""}, "results_dir"),
+        ({"results_dir": "  "}, "results_dir"),
+        ({"vindr": {"root": ""}}, "vindr.root"),
+        ({"pretrain": {"lambd": float("nan")}}, "pretrain.lambd"),
+        ({"detection": {"lr": float("inf")}}, "detection.lr"),
+        ({"vindr": {"fusion": {"iou_thr": float("nan")}}}, "vindr.fusion.iou_thr"),
+        ({"linear_eval": {"fractions": [0.1, float("nan")]}}, "linear_eval.fractions.1"),
+        ({"vindr": {"convert": {"size": 1_000_000}}}, "vindr.convert.size"),
+        ({"vindr": {"convert": {"max_decoded_mb": 0}}}, "vindr.convert.max_decoded_mb"),
+        ({"detection": {"inits": ["random", "../../etc"]}}, "detection.inits.1"),
+        ({"linear_eval": {"inits": ["ok", "with space"]}}, "linear_eval.inits.1"),
+        ({"detection": {"inits": ["random", "random"]}}, "detection.inits"),
+        ({"evaluation": {"seeds": [-1]}}, "evaluation.seeds.0"),
+        ({"evaluation": {"seeds": [0, 0]}}, "evaluation.seeds"),
+    ],
+)
+def test_hostile_values_are_reported_with_their_key(bad, key):
+    with pytest.raises(ConfigError) as info:
+        validate_config(bad)
+    assert f"  {key}:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bad, keys",
+    [
+        ({"pretrain": {"image_size": 300}}, ["pretrain.image_size", "nih.cache_size"]),
+        ({"linear_eval": {"image_size": 300}}, ["linear_eval.image_size", "nih.cache_size"]),
+        ({"detection": {"resolutions": [224, 2048]}}, ["detection.resolutions", "vindr.convert.size"]),
+        ({"pretrain": {"arch": "resnet18"}}, ["pretrain.arch", "detection.arch"]),
+        ({"privacy": {"pseudonymize_ids": True, "private_dir": "results/private"}}, ["privacy.private_dir", "results_dir"]),
+    ],
+)
+def test_settings_that_must_agree_are_cross_checked(bad, keys):
+    with pytest.raises(ConfigError) as info:
+        validate_config(bad)
+    line = next(line for line in str(info.value).splitlines() if "[check:" in line)
+    assert all(key in line for key in keys), line
+
+
+def test_cross_checks_pass_when_the_settings_agree():
+    validate_config({"pretrain": {"arch": "resnet18"}, "detection": {"arch": "resnet18"}})
+    validate_config({"pretrain": {"arch": "resnet18"}, "detection": {"inits": ["random", "imagenet"]}})
+    validate_config({"privacy": {"pseudonymize_ids": True, "private_dir": "private"}})
+
+
+@pytest.mark.parametrize("text, words", [("", "is empty"), ("# only a comment\n", "is empty"),
+                                         ("- a\n- b\n", "expected a mapping"), ("just text", "expected a mapping"),
+                                         ("pretrain: {epochs: [1\n", "not valid YAML")])
+def test_empty_or_malformed_yaml_names_the_file(tmp_path, text, words):
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:")

@@ -1,7 +1,9 @@
 """Configuration: the JSON schema is the one place where settings, defaults and their meaning live.
 
 * :func:`load_config` reads a YAML file, fills defaults and validates it (clear messages naming the
-  key and what is wrong) — the same check ``rules/common.smk`` runs before any job.
+  key and what is wrong) — the same check ``rules/common.smk`` runs before any job. Besides the
+  schema, :func:`validate_config` refuses NaN and infinity anywhere, and runs ``CROSS_CHECKS``:
+  settings of different sections that must agree (each message names both keys).
 * :func:`add_section_args` turns one schema section (e.g. ``"pretrain"`` or ``"vindr.fusion"``) into
   documented argparse flags, so every script runs standalone with ``--help``.
 * :func:`section_to_cli` turns a config section back into those flags, which is how rules call
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -54,26 +59,115 @@ class ConfigError(ValueError):
     """A config value that does not match the schema; the message names the key."""
 
 
+def _non_finite(node: Any, key: str = "") -> Iterator[str]:
+    """Dotted keys of NaN / infinite numbers (JSON schema bounds let them through: NaN < 0 is false)."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _non_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, f"{key}.{i}")
+    elif isinstance(node, float) and not math.isfinite(node):
+        yield key or "(top level)"
+
+
+# --- cross-checks: settings in different sections that must agree -----------------------------
+
+def pretrained_arch(config: dict) -> tuple[str, str]:
+    """``(key, arch)`` of the self-supervised backbone that ``barlowtwins`` inits load.
+
+    The one place that knows where the pretraining arch lives (adapt here when pretraining gets
+    per-method blocks)."""
+    return "pretrain.arch", config["pretrain"]["arch"]
+
+
+def _crops_fit_the_cache(config: dict) -> list[str]:
+    cache = config["nih"]["cache_size"]
+    return [f"{section}.image_size ({config[section]['image_size']}) is larger than nih.cache_size ({cache}): "
+            f"its crops are cut from the NIH cache; lower {section}.image_size or raise nih.cache_size"
+            for section in ("pretrain", "linear_eval") if config[section]["image_size"] > cache]
+
+
+def _resolutions_fit_the_conversion(config: dict) -> list[str]:
+    size = config["vindr"]["convert"]["size"]
+    too_big = [r for r in config["detection"]["resolutions"] if r > size]
+    return [f"detection.resolutions {too_big} exceed vindr.convert.size ({size}): detection would upsample the "
+            "converted PNGs; lower the resolutions or raise vindr.convert.size"] if too_big else []
+
+
+def _pretrained_arch_matches_detection(config: dict) -> list[str]:
+    key, arch = pretrained_arch(config)
+    if "barlowtwins" in config["detection"]["inits"] and arch != config["detection"]["arch"]:
+        return [f"{key} ({arch}) differs from detection.arch ({config['detection']['arch']}), but detection.inits "
+                "uses the barlowtwins backbone: set both to the same architecture"]
+    return []
+
+
+def _private_dir_outside_results(config: dict) -> list[str]:
+    privacy = config["privacy"]
+    if not privacy["pseudonymize_ids"]:
+        return []
+    private = os.path.abspath(privacy["private_dir"])
+    results = os.path.abspath(config["results_dir"])
+    if os.path.commonpath([private, results]) in (private, results):
+        return [f"privacy.private_dir ({privacy['private_dir']}) and results_dir ({config['results_dir']}) overlap: "
+                "the id mapping must live outside the results"]
+    return []
+
+
+#: (name, check): each check returns messages naming every key involved (empty when all agree).
+CROSS_CHECKS: list[tuple[str, Callable[[dict], list[str]]]] = [
+    ("NIH crops fit the cache", _crops_fit_the_cache),
+    ("detection input sizes fit the converted images", _resolutions_fit_the_conversion),
+    ("pretrained backbone arch matches detection.arch", _pretrained_arch_matches_detection),
+    ("private folder outside results_dir", _private_dir_outside_results),
+]
+
+
 def validate_config(config: dict, source: str = "config") -> dict:
-    """Return a validated deep copy of ``config`` with every default filled in."""
+    """Return a validated deep copy of ``config`` with every default filled in.
+
+    Schema errors, non-finite numbers and failed cross-checks are reported together, one line
+    per key, in a :class:`ConfigError` that names ``source``.
+    """
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"{source} is not valid: expected a mapping of settings, got {type(config).__name__}")
     config = copy.deepcopy(config) if config is not None else {}
     errors = sorted(_DefaultFillingValidator(load_schema()).iter_errors(config), key=lambda e: list(e.path))
-    if errors:
-        lines = []
-        for err in errors:
-            key = ".".join(str(p) for p in err.path) or "(top level)"
-            lines.append(f"  {key}: {err.message}")
+    lines = []
+    for err in errors:
+        key = ".".join(str(p) for p in err.path) or "(top level)"
+        lines.append(f"  {key}: {err.message}")
+    lines += [f"  {key}: not a finite number (NaN or infinity)" for key in _non_finite(config)]
+    if not lines:  # cross-checks read typed values: only once the schema holds
+        lines += [f"  {message} [check: {name}]" for name, check in CROSS_CHECKS for message in check(config)]
+    if lines:
         raise ConfigError(f"{source} is not valid:\n" + "\n".join(lines))
     return config
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> dict:
-    """Read a YAML config, merge ``overrides`` (nested dicts), fill defaults and validate."""
+def read_config_file(path: str | Path) -> dict:
+    """The settings of one YAML config file; an unreadable, malformed, empty or non-mapping file is a
+    ConfigError naming it."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty (expected a mapping of settings)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config, merge ``overrides`` (nested dicts), fill defaults and validate."""
+    data = read_config_file(path)
     if overrides:
         data = deep_merge(data, overrides)
     return validate_config(data, source=str(path))
