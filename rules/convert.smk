@@ -4,6 +4,8 @@
 import os
 from glob import glob
 
+from cxrssl.data.convert import worker_mem_mb
+
 
 rule convert_dicom:
     input:
@@ -15,6 +17,7 @@ rule convert_dicom:
                           subcategory="VinDr-CXR conversion"),
     params:
         args=cli("vindr.convert"),
+        privacy=cli("privacy"),
         on_bad_input=ON_BAD_INPUT,
         dirs=vindr_dicom_dirs(),
         listing=vindr_dicom_listing,
@@ -27,13 +30,13 @@ rule convert_dicom:
         ENV
     threads: workflow.cores
     resources:
-        # one decoded radiograph (float) per worker plus the interpreter
-        mem_mb=lambda wildcards, threads: 1000 + 600 * threads,
+        # the parent plus one worker per thread, each sized for the largest frame it may accept
+        mem_mb=lambda wildcards, threads: 1000 + threads * worker_mem_mb(config["vindr"]["convert"]["max_decoded_mb"]),
         runtime=lambda wildcards, threads: 10 + len(vindr_dicom_files()) // (100 * threads),
     shell:
         "{PY} {SCRIPTS}/convert_dicom.py --dicom-dirs {params.dirs:q} --out-dir {params.images:q}"
         " --metadata {output.metadata:q} --quarantine {output.quarantine:q} --workers {threads}"
-        " --on-bad-input {params.on_bad_input} {params.args} --log {log:q}"
+        " --on-bad-input {params.on_bad_input} {params.args} {params.privacy} --log {log:q}"
 
 
 rule index_nih:

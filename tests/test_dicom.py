@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -500,3 +501,241 @@ def test_nothing_convertible_is_an_error_after_the_quarantine_is_written(tmp_pat
     assert len(pd.read_csv(quarantine_csv)) == 2
     with pytest.raises(BadInputError, match="no DICOM files found"):
         run_convert([], [tmp_path / "nowhere"], tmp_path / "img", tmp_path / "metadata.csv", quarantine_csv)
+
+
+# --- hostile files (issue 11) --------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(value=st.floats(-5e4, 7e4, allow_nan=False, width=32), height=st.integers(8, 600),
+       width=st.integers(8, 600), size=st.integers(8, 256), bit_depth=st.sampled_from([8, 16]))
+def test_constant_images_are_blank_whatever_the_resize(value, height, width, size, bit_depth):
+    image = np.full((height, width), value, dtype=np.float32)
+    with pytest.raises(BadInputError, match="blank image"):
+        to_display_png(image, size, bit_depth)
+
+
+def test_blank_check_comes_before_the_resize_and_keeps_faint_real_contrast():
+    # A constant image whose float resize leaves ~1e-7 ripples: the old post-resize check let it
+    # through and min-max stretching wrote full-range noise.
+    constant = np.full((517, 311), 1234.567, dtype=np.float32)
+    resized = cv2.resize(constant, (112, 186), interpolation=cv2.INTER_AREA)
+    assert resized.max() > resized.min()  # the ripple the check must not be fooled by
+    with pytest.raises(BadInputError, match="blank image"):
+        to_display_png(constant, 186, 8)
+    faint = constant.copy()
+    faint[:, 150:] += 1.0  # one stored level of contrast is an image
+    out, _ = to_display_png(faint, 186, 8, source_bits=12)
+    assert out.min() == 0 and out.max() == 255
+
+
+def _retag(path: Path, out: Path, **tags) -> Path:
+    ds = pydicom.dcmread(path)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(out)
+    return out
+
+
+@pytest.mark.parametrize("tag", ["Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel"])
+def test_multi_valued_geometry_is_bad_input(tmp_path, tag):
+    good = write_dicom(tmp_path / "good.dicom", ramp())
+    ds = pydicom.dcmread(good)
+    value = ds.get(tag, 1)
+    ds[tag].value = [value, value] if tag in ds else None
+    if tag not in ds:
+        ds.SamplesPerPixel = [1, 1]
+    ds.save_as(tmp_path / "multi.dicom")
+    with pytest.raises(BadInputError, match=f"{tag} has 2 values") as info:
+        read_dicom(tmp_path / "multi.dicom")
+    assert info.value.item == str(tmp_path / "multi.dicom")
+
+
+def test_unknown_vr_is_bad_input(tmp_path):
+    data = bytearray(write_dicom(tmp_path / "good.dicom", ramp()).read_bytes())
+    at = data.find(b"\x28\x00\x10\x00US")  # (0028,0010) Rows, explicit VR little endian
+    assert at > 0
+    data[at + 4:at + 6] = b"ZZ"
+    (tmp_path / "vr.dicom").write_bytes(bytes(data))
+    with pytest.raises(BadInputError) as info:
+        read_dicom(tmp_path / "vr.dicom")
+    assert info.value.item == str(tmp_path / "vr.dicom")
+
+
+def test_a_panicking_decoder_is_bad_input(tmp_path, monkeypatch):
+    """pylibjpeg-rle panics (pyo3 PanicException, a BaseException) on this stream; the pre-decode
+    RLE check would refuse it first, so it is switched off to reach the decoder."""
+    good = write_dicom(tmp_path / "c.dicom", ramp(64, 80), compress=RLELossless)
+    path = _retag(good, tmp_path / "panic.dicom", Columns=78)
+    monkeypatch.setattr(dicom_mod, "_check_pixel_data", lambda *a: None, raising=False)
+    ds = pydicom.dcmread(path)
+    ds.pixel_array_options(decoding_plugin="pylibjpeg")
+    with pytest.raises(BaseException) as raw:
+        ds.pixel_array
+    assert not isinstance(raw.value, Exception)  # really the BaseException the issue is about
+    with pytest.raises(BadInputError) as info:  # the panic is caught; the next plugin sees the mismatch
+        read_dicom(path)
+    assert info.value.item == str(path)
+
+
+def _mismatched(tmp: Path) -> dict[str, Path]:
+    pixels = ramp(64, 80)
+    native = write_dicom(tmp / "native.dicom", pixels)
+    j2k = write_dicom(tmp / "j2k.dicom", pixels, compress=JPEG2000Lossless)
+    rle = write_dicom(tmp / "rle.dicom", pixels, compress=RLELossless)
+    return {
+        "native_excess_padding": _retag(native, tmp / "n_pad.dicom", Rows=60),  # would crop 4 rows
+        "native_too_short": _retag(native, tmp / "n_short.dicom", Rows=70),
+        "j2k_swapped": _retag(j2k, tmp / "j_swap.dicom", Rows=80, Columns=64),  # would shear
+        "j2k_fewer_rows": _retag(j2k, tmp / "j_rows.dicom", Rows=60),
+        "rle_longer_segments": _retag(rle, tmp / "r_pad.dicom", Rows=60),
+        "rle_narrower": _retag(rle, tmp / "r_cols.dicom", Columns=78),  # would shear
+    }
+
+
+@pytest.mark.parametrize("case", ["native_excess_padding", "native_too_short", "j2k_swapped", "j2k_fewer_rows",
+                                  "rle_longer_segments", "rle_narrower"])
+def test_header_and_data_disagreeing_is_an_error(tmp_path, case):
+    path = _mismatched(tmp_path)[case]
+    with pytest.raises(BadInputError, match="Rows") as info:
+        read_dicom(path)
+    assert info.value.item == str(path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    good = write_dicom(tmp_path / "c.dicom", ramp(64, 80), compress=RLELossless)
+    bomb = _retag(good, tmp_path / "bomb.dicom", Rows=16384, Columns=16384)  # 512 MB at 16 bits, file ~10 kB
+    assert bomb.stat().st_size < 100_000
+
+    def never(*args):
+        raise AssertionError("decoded a bomb")
+
+    monkeypatch.setattr(dicom_mod, "_decode", never)
+    with pytest.raises(BadInputError, match=r"512 MB .*more than the 64 MB limit.*refused before decoding"):
+        read_dicom(bomb)
+    with pytest.raises(BadInputError, match="more than the 4 MB limit"):
+        read_dicom(write_dicom(tmp_path / "big.dicom", ramp(1500, 1500)), max_decoded_mb=4)  # 4.3 MB native
+    quarantine = Quarantine("skip")
+    convert_dicoms([bomb, good], tmp_path / "img", tmp_path / "metadata.csv", size=32, quarantine=quarantine,
+                   max_decoded_mb=64)
+    assert [item for item, _ in quarantine.items] == [str(bomb)]
+
+
+def test_skip_run_survives_every_hostile_file(tmp_path):
+    """One bad file of each kind never aborts a skip run: each is quarantined, named, and the rest converted."""
+    good = make_dataset(tmp_path / "vindr", 2, 1)
+    hostile = {**_mismatched(tmp_path / "m"), **{k: p for k, (p, _) in _bad_files(tmp_path / "b").items()}}
+    multi = pydicom.dcmread(good[0])
+    multi["Rows"].value = [64, 64]
+    multi.save_as(tmp_path / "multi.dicom")
+    hostile["multi"] = tmp_path / "multi.dicom"
+    hostile["bomb"] = _retag(write_dicom(tmp_path / "s.dicom", ramp(), compress=RLELossless), tmp_path / "bomb.dicom",
+                             Rows=16000, Columns=16000)
+    paths = [*good, *hostile.values()]
+    result = run_convert(paths, [], tmp_path / "out" / "img", tmp_path / "out" / "metadata.csv",
+                         tmp_path / "out" / "q.csv", size=32, workers=2, on_bad_input="skip")
+    assert sorted(result.metadata["image_id"]) == sorted(p.stem for p in good)
+    quarantined = pd.read_csv(tmp_path / "out" / "q.csv")
+    assert sorted(quarantined["item"]) == sorted(map(str, hostile.values()))
+
+
+def _fifo(path: Path) -> Path:
+    """A named pipe with no writer: opening it blocks forever (a stand-in for a decoder that hangs)."""
+    os.mkfifo(path)
+    return path
+
+
+def test_a_hanging_file_is_stopped_and_quarantined(tmp_path):
+    paths = make_dataset(tmp_path / "vindr", 2, 0)
+    stuck = _fifo(tmp_path / "vindr" / "train" / "stuck.dicom")
+    quarantine = Quarantine("skip")
+    result = convert_dicoms([*paths, stuck], tmp_path / "img", tmp_path / "metadata.csv", size=32,
+                            quarantine=quarantine, timeout_s=2)
+    assert len(result.metadata) == 2
+    assert quarantine.items[0][0] == str(stuck) and "stopped after 2 s" in quarantine.items[0][1]
+
+
+def test_a_killed_worker_is_retried_then_quarantined_and_the_run_finishes(tmp_path):
+    """SIGKILL of the conversion worker (as the OOM killer would) must not hang the stage."""
+    import signal
+    import threading
+
+    import psutil
+    import worker_tasks
+
+    paths = make_dataset(tmp_path / "vindr", 3, 0)
+    stuck = _fifo(tmp_path / "vindr" / "train" / "stuck.dicom")
+    out, quarantine, done = tmp_path / "img", Quarantine("skip"), {}
+    thread = threading.Thread(target=lambda: done.setdefault("result", convert_dicoms(
+        [*paths, stuck], out, tmp_path / "metadata.csv", size=32, quarantine=quarantine, workers=1)), daemon=True)
+    thread.start()
+    for _ in range(2):  # the first attempt and its retry
+        deadline, stuck_on_it = time.monotonic() + 60, []
+        while not stuck_on_it and time.monotonic() < deadline:
+            stuck_on_it = [w for w in worker_tasks.pool_workers() if worker_tasks.blocked_on_fifo(w)]
+            time.sleep(0.05)
+        assert stuck_on_it, "no conversion worker on the stuck file"
+        for worker in stuck_on_it:
+            worker.send_signal(signal.SIGKILL)
+        psutil.wait_procs(stuck_on_it, timeout=10)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the stage hung after its worker was killed"
+    assert sorted(done["result"].metadata["image_id"]) == sorted(p.stem for p in paths)
+    (item, reason), = quarantine.items
+    assert item == str(stuck) and "killed by SIGKILL" in reason and "2 attempts" in reason
+
+
+def test_full_disk_names_the_file_and_never_hides_the_first_error(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import cxrssl.data.convert as convert_mod
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, f"could not write {tmp_path / 'img' / CACHE_INDEX_NAME}: No space left on device")
+
+    paths = make_dataset(tmp_path / "vindr", 2, 0)
+    bad = _bad_files(tmp_path / "bad")["truncated"][0]
+    monkeypatch.setattr(convert_mod, "atomic_write_csv", full)
+    # the cache record cannot be written in `finally`: the user still sees the bad file, not ENOSPC
+    with pytest.raises(BadInputError, match="trunc.dicom"):
+        convert_dicoms([*paths, bad], tmp_path / "img", tmp_path / "metadata.csv", size=32)
+    assert "No space left on device" in caplog.text and CACHE_INDEX_NAME in caplog.text
+    # no other error: the failed write itself is the error, naming the file and the reason
+    with pytest.raises(OSError, match=rf"{CACHE_INDEX_NAME}: No space left on device") as info:
+        convert_dicoms(paths, tmp_path / "img", tmp_path / "metadata.csv", size=32)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    # a PNG that cannot be written stops the run (not bad input), naming the PNG
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match=r"could not write .*\.png: No space left on device"):
+        convert_dicoms(paths[:1], tmp_path / "img2", tmp_path / "metadata2.csv", size=32, workers=0)
+
+
+def test_two_jobs_on_one_output_folder(tmp_path):
+    from worker_tasks import hold_lock
+
+    from cxrssl.io import OutputBusyError
+
+    paths = make_dataset(tmp_path / "vindr", 2, 0)
+    holder = hold_lock(tmp_path / "img" / ".lock")
+    try:
+        with pytest.raises(OutputBusyError, match=f"image folder {tmp_path / 'img'} is being written by another job"):
+            convert_dicoms(paths, tmp_path / "img", tmp_path / "metadata.csv", size=32)
+    finally:
+        holder.kill()
+        holder.wait()
+    convert_dicoms(paths, tmp_path / "img", tmp_path / "metadata.csv", size=32)
+    assert len(pd.read_csv(tmp_path / "metadata.csv")) == 2
+
+
+def test_outputs_hold_relative_paths_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_dataset(Path("vindr"), 2, 1)
+    Path("vindr/train/junk.dicom").write_text("junk")
+    run_convert([], ["vindr/train", "vindr/test"], "out/img", "out/metadata.csv", "out/q.csv", size=32,
+                on_bad_input="skip")
+    cache = pd.read_csv("out/img/" + CACHE_INDEX_NAME)
+    assert sorted(cache["source"]) == ["test/test000.dicom", "train/train000.dicom", "train/train001.dicom"]
+    assert pd.read_csv("out/q.csv")["item"].tolist() == ["vindr/train/junk.dicom"]
+    for path in Path("out").rglob("*"):
+        if path.is_file():
+            assert str(tmp_path).encode() not in path.read_bytes(), path

@@ -18,6 +18,7 @@ from PIL import Image
 from cxrssl.classes import NIH_FINDINGS, NIH_NO_FINDING
 from cxrssl.data.nih import (
     INDEX_COLUMNS,
+    build_cache,
     build_index,
     index_nih,
     parse_finding_labels,
@@ -265,3 +266,80 @@ def test_script_runs_standalone(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert np.load(tmp_path / "c.npy").shape == (12, 16, 16)
     assert "NIH index: 12 images" in (tmp_path / "log").read_text()
+
+
+# --- hostile text files and dying workers (issue 11) ----------------------------------------------
+
+def test_list_files_with_a_bom_or_undecodable_bytes(tmp_path):
+    truth = make_nih(tmp_path)
+    train = tmp_path / "train_val_list.txt"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # a BOM must not hide the first image
+    assert build_index(tmp_path, Quarantine("fail"))["image_index"].tolist() == sorted(truth["name"])
+    test = tmp_path / "test_list.txt"
+    test.write_bytes(test.read_bytes() + b"\n0000\xff\xfe_000.png")
+    with pytest.raises(BadInputError, match=r"test_list.txt:line \d+: is not valid UTF-8"):
+        build_index(tmp_path, Quarantine("fail"))
+    quarantine = Quarantine("skip")
+    assert len(build_index(tmp_path, quarantine)) == len(truth)
+    assert [reason for _, reason in quarantine.items] == ["is not valid UTF-8"]
+
+
+def test_one_malformed_data_entry_row_is_skipped_not_the_file(tmp_path):
+    truth = make_nih(tmp_path)
+    csv_path = tmp_path / "Data_Entry_2017.csv"
+    lines = csv_path.read_bytes().split(b"\n")
+    lines[2] = lines[2] + b",extra,fields"  # more fields than the header: pandas rejected the file
+    lines[4] = lines[4].replace(b"M,PA", b"\xff,PA")  # undecodable byte in one row
+    lines[5] = b'"' + lines[5]  # a stray quote swallowing what follows
+    csv_path.write_bytes(b"\n".join(lines))
+    with pytest.raises(BadInputError, match=r"Data_Entry_2017.csv:line 3: has \d+ fields"):
+        read_data_entry(csv_path)
+    quarantine = Quarantine("skip")
+    entries = read_data_entry(csv_path, quarantine)
+    bad = {lines[i].split(b",")[0].lstrip(b'"').decode() for i in (2, 4, 5)}
+    assert bad.isdisjoint(entries["image_index"])
+    assert len(entries) >= len(truth) - 3 - 12 and len(entries) > 0
+    assert {item.rsplit(":", 1)[1] for item, _ in quarantine.items} >= {"line 3", "line 5", "line 6"}
+    assert all(item.startswith(f"{csv_path}:line ") for item, _ in quarantine.items)
+
+
+def test_rows_without_the_trailing_comma_are_fine(tmp_path):
+    truth = make_nih(tmp_path)
+    csv_path = tmp_path / "Data_Entry_2017.csv"
+    csv_path.write_text("\n".join(line.rstrip(",") if i else line
+                                  for i, line in enumerate(csv_path.read_text().splitlines())) + "\n")
+    assert len(read_data_entry(csv_path)) == len(truth)
+
+
+def test_a_killed_cache_worker_costs_its_image_not_the_run(tmp_path):
+    """SIGKILL of an NIH cache worker (as the OOM killer would): the image is quarantined, the run ends."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+    import worker_tasks
+
+    truth = make_nih(tmp_path / "nih")
+    index = build_index(tmp_path / "nih", Quarantine("fail"))
+    victim = tmp_path / "nih" / "stuck.png"
+    os.mkfifo(victim)  # opening it blocks: the worker on it is the one we kill, twice (first try and retry)
+    index.loc[3, "path"] = victim.name
+    quarantine, done = Quarantine("skip"), {}
+    thread = threading.Thread(target=lambda: done.setdefault("index", build_cache(
+        index, tmp_path / "nih", tmp_path / "c.npy", 16, workers=2, quarantine=quarantine)), daemon=True)
+    thread.start()
+    for _ in range(2):
+        deadline, stuck = time.monotonic() + 60, []
+        while not stuck and time.monotonic() < deadline:
+            stuck = [w for w in worker_tasks.pool_workers() if worker_tasks.blocked_on_fifo(w)]
+            time.sleep(0.05)
+        assert stuck, "no cache worker on the stuck image"
+        for worker in stuck:
+            worker.send_signal(signal.SIGKILL)
+        psutil.wait_procs(stuck, timeout=10)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the cache build hung after its worker was killed"
+    assert len(done["index"]) == len(truth) - 1 and index.loc[3, "image_index"] not in set(done["index"]["image_index"])
+    (item, reason), = quarantine.items
+    assert item == str(victim) and "killed by SIGKILL" in reason and "2 attempts" in reason

@@ -2,28 +2,41 @@
 
 Per image: :func:`cxrssl.data.dicom.read_dicom` (VOI, MONOCHROME1 inversion), resize so the
 longest side is ``size`` (aspect kept, ``cv2.INTER_AREA``, in float), min-max to 8 or 16 bits,
-PNG via cv2, written atomically. Files are spread over ``workers`` processes; only small metadata
-rows travel back, so memory stays flat whatever the number of files.
+PNG via cv2, written atomically. Files are spread over ``workers`` processes
+(:func:`cxrssl.data.workers.run_tasks`); only small metadata rows travel back, so memory stays
+flat whatever the number of files.
 
-Per-file cache. Every run records, in ``<out_dir>/.convert_index.csv``, each PNG with the source
-path, size and mtime and the settings it was made with. A later run reuses a PNG whose record
-matches (and whose file still exists) instead of decoding the DICOM again. Under Snakemake the rule
-reruns whenever its list of input DICOMs changes (a file added or removed); the cache makes that
-rerun cost only the new files. The cache record lives in the image folder, not in
-``metadata.csv``, because Snakemake deletes a rule's declared outputs before rerunning it. Files no
-longer in the input are dropped from ``metadata.csv`` (their PNGs stay until the folder is removed).
+Failures stay per file: whatever goes wrong with one DICOM (a bad header, a decoder error or
+panic, a worker killed by a segfault or the out-of-memory killer, a decode that hangs) is a
+:class:`~cxrssl.errors.BadInputError` naming that file, which the quarantine records under
+``skip``; the other files are converted. A file that cannot be *written* (a full disk) is not bad
+input: the run stops with an ``OSError`` naming the file and the reason.
 
-Atomicity: ``metadata.csv`` is deleted when a run starts and written last, so it exists only after
-a complete run and lists only PNGs that are fully written.
+Per-file cache. Every run records, in ``<out_dir>/.convert_index.csv``, each PNG with its source
+(relative to the dataset: ``<folder>/<file>``), size and mtime and the settings it was made with. A
+later run reuses a PNG whose record matches (and whose file still exists) instead of decoding the
+DICOM again. Under Snakemake the rule reruns whenever its list of input DICOMs changes (a file
+added or removed); the cache makes that rerun cost only the new files. The cache record lives in
+the image folder, not in ``metadata.csv``, because Snakemake deletes a rule's declared outputs
+before rerunning it. Files no longer in the input are dropped from ``metadata.csv`` (their PNGs
+stay until the folder is removed, except when ids are pseudonymised: then they go at once).
+
+Identifiers: ``image_id`` is the file stem, or its pseudonym (:mod:`cxrssl.privacy`); with
+pseudonyms, files are named ``<folder>/<pseudonym><suffix>`` in the quarantine report and the log
+and the mapping back is written to the private folder only.
+
+Atomicity: the output folder and ``metadata.csv`` are locked for the run (a second job on them
+stops at once); ``metadata.csv`` is deleted when a run starts and written last, so it exists only
+after a complete run and lists only PNGs that are fully written.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import multiprocessing as mp
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +45,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cxrssl.data.dicom import read_dicom
+from cxrssl.data.dicom import DEFAULT_MAX_DECODED_MB, read_dicom
+from cxrssl.data.workers import FATAL, TaskFailed, run_tasks
 from cxrssl.errors import BadInputError, Quarantine
-from cxrssl.io import atomic_path, atomic_write_csv
+from cxrssl.io import atomic_write_bytes, atomic_write_csv, exclusive_lock
+from cxrssl.privacy import Pseudonymizer
 from cxrssl.utils import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -50,6 +65,18 @@ _CACHE_COLUMNS = METADATA_COLUMNS + ["source", "size", "bit_depth"]
 DICOM_SUFFIXES = (".dicom", ".dcm")
 #: Seconds between cache-record flushes, so a killed run keeps most of its work.
 FLUSH_EVERY_S = 60.0
+#: A file whose conversion takes longer is stopped and quarantined (a decoder caught in a loop).
+FILE_TIMEOUT_S = 600.0
+#: Memory of one conversion worker: the interpreter and its libraries (177 MB measured), plus this
+#: many times the largest decoded frame (pixels, compressed copy, index and float32 image; peak RSS
+#: over the decoded frame measured at 4.0 native, 4.9 RLE, 5.4 JPEG 2000, 6.8 for 32-bit data on the
+#: float path). rules/convert.smk reserves worker_mem_mb() per worker.
+WORKER_BASE_MB, WORKER_FRAME_FACTOR = 250, 7
+
+
+def worker_mem_mb(max_decoded_mb: float) -> int:
+    """Memory (MB) one conversion worker may need when frames up to ``max_decoded_mb`` are accepted."""
+    return int(WORKER_BASE_MB + WORKER_FRAME_FACTOR * max_decoded_mb)
 
 
 @dataclass
@@ -74,22 +101,33 @@ def find_dicoms(folders: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def to_display_png(image: np.ndarray, size: int, bit_depth: int, item: str = "image") -> tuple[np.ndarray, float]:
+def to_display_png(image: np.ndarray, size: int, bit_depth: int, item: str = "image",
+                   source_bits: int = 16) -> tuple[np.ndarray, float]:
     """Resize so the longest side is ``size`` (INTER_AREA) and min-max scale to ``bit_depth`` bits.
 
     Returns ``(array, scale)`` with ``array`` uint8/uint16 and converted = original * scale.
-    Resizing happens in float before quantisation so no precision is lost twice.
+    Resizing happens in float before quantisation so no precision is lost twice. A blank image
+    is refused BEFORE resizing (a constant image leaves the float resize with 1e-7 ripples that
+    min-max stretching would blow up into full-range noise): blank means a value range below one
+    level of a ``source_bits``-bit image at the image's own magnitude.
     """
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise BadInputError(item, f"expected a 2-D grey image, got shape {image.shape}")
+    lo, hi = float(image.min()), float(image.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise BadInputError(item, "non-finite pixel values")
+    if hi - lo <= max(abs(lo), abs(hi), 1.0) * 2.0 ** -source_bits:
+        raise BadInputError(item, f"blank image: every pixel has the same value ({lo:g}..{hi:g}) after the VOI transform")
     height, width = image.shape
     scale = size / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC  # AREA is for shrinking
     resized = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (new_w, new_h), interpolation=interp)
     lo, hi = float(resized.min()), float(resized.max())
-    if not hi > lo:
-        raise BadInputError(item, "blank image: every pixel has the same value after the VOI transform")
+    if not hi > lo:  # resizing averaged the only contrast away (e.g. a single bright pixel)
+        raise BadInputError(item, "blank image: no contrast left after resizing")
     top = 255 if bit_depth == 8 else 65535
     out = np.rint((resized - lo) * (top / (hi - lo)))
     np.clip(out, 0, top, out=out)
@@ -99,29 +137,47 @@ def to_display_png(image: np.ndarray, size: int, bit_depth: int, item: str = "im
 def _write_png(array: np.ndarray, path: Path) -> None:
     # cv2's default PNG settings (level 1 with a run-length strategy) are kept on purpose: on
     # 1024 px radiographs they were the fastest and smallest of levels 1, 3, 6 (lossless at any).
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array):
-            raise OSError(f"{path}: cv2 could not write the PNG")
+    # Encoded in memory and written by Python, so a failed write says why (cv2.imwrite only
+    # returns False).
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(errno.EIO, f"could not write {path}: cv2 failed to encode the PNG")
+    atomic_write_bytes(data.tobytes(), path)
 
 
 def _worker_init() -> None:
+    import logging as _logging
+
     cv2.setNumThreads(1)  # one process per core already; threads would oversubscribe
+    # pydicom logs every plugin failure it sees; the failure reaches the quarantine anyway.
+    _logging.getLogger("pydicom").setLevel(_logging.CRITICAL)
 
 
-def _convert_one(task: tuple[str, str, int, int]) -> tuple:
-    """Worker: convert one DICOM. Returns ``("ok", meta, shape, scale)`` or ``("bad", item, reason)``.
+def _convert_one(task: tuple) -> tuple:
+    """Worker: convert one DICOM; never raises for a property of the file.
 
-    BadInputError is returned, not raised, because its two-argument constructor does not survive
-    pickling across processes.
+    Returns ``("ok", meta, shape, scale)``, ``("bad", reason)`` (bad input: anything that went
+    wrong reading or converting it) or ``("error", errno, message)`` (the PNG could not be
+    written: not the file's fault). Plain tuples travel back (BadInputError's two-argument
+    constructor does not survive pickling).
     """
-    src, png, size, bit_depth = task
+    src, png, size, bit_depth, max_decoded_mb = task
     try:
-        image, meta = read_dicom(src)
-        array, scale = to_display_png(image, size, bit_depth, item=src)
+        image, meta = read_dicom(src, max_decoded_mb=max_decoded_mb)
+        array, scale = to_display_png(image, size, bit_depth, item=src, source_bits=int(meta["bits_stored"]))
         del image
-        _write_png(array, Path(png))
     except BadInputError as exc:
-        return ("bad", exc.item, exc.reason)
+        return ("bad", exc.reason)
+    except MemoryError:
+        return ("bad", "ran out of memory while converting it")
+    except FATAL:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - e.g. an OpenCV error on an odd array: this file's problem
+        return ("bad", f"could not convert it ({type(exc).__name__}: {str(exc).strip()[:200]})")
+    try:
+        _write_png(array, Path(png))
+    except OSError as exc:
+        return ("error", exc.errno or errno.EIO, str(exc))
     return ("ok", meta, array.shape, scale)
 
 
@@ -154,31 +210,6 @@ def _cache_hit(record: dict | None, stat: os.stat_result, size: int, bit_depth: 
     )
 
 
-def _results(tasks: list[tuple], workers: int) -> Iterator[tuple[int, tuple]]:
-    """Yield ``(task index, worker result)`` as they complete, in a pool or in-process."""
-    if workers <= 1 or len(tasks) <= 1:
-        previous = cv2.getNumThreads()
-        _worker_init()
-        try:
-            for i, task in enumerate(tasks):
-                yield i, _convert_one(task)
-        finally:
-            cv2.setNumThreads(previous)
-        return
-    # forkserver: workers do not inherit the parent's threads (logging, tqdm monitor)
-    context = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["cxrssl.data.convert"])  # import once in the server, not per worker
-    with context.Pool(min(workers, len(tasks)), initializer=_worker_init) as pool:
-        indexed = pool.imap_unordered(_indexed_convert, list(enumerate(tasks)), chunksize=1)
-        yield from indexed
-
-
-def _indexed_convert(item: tuple[int, tuple]) -> tuple[int, tuple]:
-    index, task = item
-    return index, _convert_one(task)
-
-
 def convert_dicoms(
     dicom_paths: Iterable[str | Path],
     out_dir: str | Path,
@@ -187,17 +218,35 @@ def convert_dicoms(
     bit_depth: int = 8,
     workers: int = 1,
     quarantine: Quarantine | None = None,
+    max_decoded_mb: float = DEFAULT_MAX_DECODED_MB,
+    ids: Pseudonymizer | None = None,
+    timeout_s: float = FILE_TIMEOUT_S,
 ) -> ConvertResult:
     """Convert ``dicom_paths`` to PNGs in ``out_dir`` and write ``metadata_csv`` (see module doc).
 
-    ``image_id`` is the file stem and ``source_split`` the parent folder name (``train``/``test``);
-    ``png`` is relative to the folder of ``metadata_csv``. Bad files go to ``quarantine`` (policy
-    ``fail`` raises on the first one); two files with the same stem are a bad input too. Unchanged
-    files whose PNG is cached are not decoded again.
+    ``image_id`` is the file stem (or its pseudonym, ``ids``) and ``source_split`` the parent
+    folder name (``train``/``test``); ``png`` is relative to the folder of ``metadata_csv``. Bad
+    files go to ``quarantine`` (policy ``fail`` raises on the first one); two files with the same
+    stem are a bad input too. Unchanged files whose PNG is cached are not decoded again.
+    ``workers`` processes convert (0: in this process, without crash isolation); frames larger
+    than ``max_decoded_mb`` are refused before decoding.
     """
     quarantine = quarantine if quarantine is not None else Quarantine("fail", stage="convert_dicom")
+    ids = ids if ids is not None else Pseudonymizer(enabled=False)
     out_dir, metadata_csv = Path(out_dir), Path(metadata_csv)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out_dir / ".lock", f"the image folder {out_dir}"), \
+            exclusive_lock(metadata_csv.with_name(f".{metadata_csv.name}.lock"), str(metadata_csv)):
+        try:
+            return _convert_locked(dicom_paths, out_dir, metadata_csv, size, bit_depth, workers, quarantine,
+                                   max_decoded_mb, ids, timeout_s)
+        finally:
+            ids.write_mapping("convert")  # even a failed run's messages name files by pseudonym
+
+
+def _convert_locked(dicom_paths, out_dir: Path, metadata_csv: Path, size: int, bit_depth: int, workers: int,
+                    quarantine: Quarantine, max_decoded_mb: float, ids: Pseudonymizer,
+                    timeout_s: float) -> ConvertResult:
     metadata_csv.unlink(missing_ok=True)  # never leave a stale table claiming completeness
     png_base = os.path.relpath(out_dir.resolve(), metadata_csv.parent.resolve())
 
@@ -206,24 +255,28 @@ def convert_dicoms(
     rows: dict[str, dict] = {}  # image_id -> cache record (metadata columns + cache fields)
     tasks, task_rows, seen = [], [], {}
     result = ConvertResult(metadata=pd.DataFrame(columns=METADATA_COLUMNS))
+
+    def bad(path: Path, reason: str) -> None:
+        label = ids.file_label(path)
+        result.quarantined.append(label)
+        quarantine.add(BadInputError(label, ids.scrub(reason, path)))
+
     for path in sorted(Path(p) for p in dicom_paths):
-        source = path.resolve()
-        image_id, split = path.stem, path.parent.name
+        image_id, split = ids.image_id(path.stem, path), path.parent.name
         if image_id in seen:
-            quarantine.add(BadInputError(str(path), f"duplicate image_id {image_id!r} (also {seen[image_id]})"))
-            result.quarantined.append(str(path))
+            bad(path, f"duplicate image_id {image_id!r} (also {ids.file_label(seen[image_id])})")
             continue
         seen[image_id] = path
         try:
-            stat = source.stat()
+            stat = path.stat()
         except OSError as exc:
-            quarantine.add(BadInputError(str(path), f"cannot read file: {exc.strerror or exc}"))
-            result.quarantined.append(str(path))
+            bad(path, f"cannot read file: {exc.strerror or exc}")
             continue
         png = out_dir / f"{image_id}.png"
         base = {
             "image_id": image_id, "source_split": split, "png": Path(png_base, png.name).as_posix(),
-            "source_size": stat.st_size, "source_mtime": stat.st_mtime, "source": str(source),
+            "source_size": stat.st_size, "source_mtime": stat.st_mtime,
+            "source": "" if ids.enabled else f"{split}/{path.name}",  # relative: no site paths stored
             "size": size, "bit_depth": bit_depth,
         }
         record = cache_by_key.get((image_id, split))
@@ -231,26 +284,32 @@ def convert_dicoms(
             rows[image_id] = {**record, **base}
             result.cached.append(image_id)
         else:
-            tasks.append((str(source), str(png), size, bit_depth))
-            task_rows.append(base)
-    log.info("%d DICOMs: %d cached, %d to convert (size %d, %d-bit, %d workers)",
-             len(seen), len(result.cached), len(tasks), size, bit_depth, workers)
+            tasks.append((str(path), str(png), size, bit_depth, max_decoded_mb))
+            task_rows.append((path, base))
+    log.info("%d DICOMs: %d cached, %d to convert (size %d, %d-bit, %d workers, frames up to %g MB)",
+             len(seen), len(result.cached), len(tasks), size, bit_depth, workers, max_decoded_mb)
 
     def flush() -> None:
         frame = pd.DataFrame(list(rows.values()), columns=_CACHE_COLUMNS).sort_values("image_id")
         atomic_write_csv(frame, out_dir / CACHE_INDEX_NAME)
 
     last_flush = time.monotonic()
-    stream = _results(tasks, workers)
+    stream = run_tasks(_convert_one, tasks, workers, initializer=_worker_init, preload=("cxrssl.data.convert",),
+                       timeout_s=timeout_s, what="DICOM")
     bar = tqdm(stream, total=len(tasks), desc="convert DICOM", unit="img", disable=progress_disabled() or not tasks)
+    failed = False
     try:
         for index, outcome in bar:
-            base = task_rows[index]
-            if outcome[0] == "bad":
-                _, item, reason = outcome
-                result.quarantined.append(item)
-                quarantine.add(BadInputError(item, reason))
+            path, base = task_rows[index]
+            if isinstance(outcome, TaskFailed):
+                bad(path, f"{outcome.reason} (a decoder crash, or more memory than the "
+                          f"{max_decoded_mb:g} MB frame limit allows for)")
                 continue
+            if outcome[0] == "bad":
+                bad(path, outcome[1])
+                continue
+            if outcome[0] == "error":
+                raise OSError(outcome[1], ids.scrub(outcome[2], path))
             _, meta, (height, width), scale = outcome
             rows[base["image_id"]] = {
                 **base, "orig_height": meta["orig_height"], "orig_width": meta["orig_width"],
@@ -261,11 +320,24 @@ def convert_dicoms(
             if time.monotonic() - last_flush > FLUSH_EVERY_S:
                 flush()
                 last_flush = time.monotonic()
+    except BaseException:
+        failed = True
+        raise
     finally:
         bar.close()
-        stream.close()  # stops the pool at once when a bad file aborts the run
-        flush()  # even a failed run keeps the PNGs it finished for the next one
+        stream.close()  # stops the workers at once when a bad file aborts the run
+        try:
+            flush()  # even a failed run keeps the PNGs it finished for the next one
+        except OSError as exc:
+            if not failed:
+                raise
+            # the real error is already on its way: do not replace it with this one
+            log.error("%s; the next run converts again what this one finished", exc)
 
+    if ids.enabled:  # PNGs of earlier runs may carry real ids in their names: keep only this run's
+        for png in out_dir.glob("*.png"):
+            if png.stem not in rows:
+                png.unlink(missing_ok=True)
     metadata = pd.DataFrame(list(rows.values()), columns=METADATA_COLUMNS)
     metadata = metadata.sort_values("image_id", kind="stable").reset_index(drop=True)
     atomic_write_csv(metadata, metadata_csv)
@@ -277,15 +349,18 @@ def convert_dicoms(
 
 def run_convert(dicoms: Iterable[str | Path], dicom_dirs: Iterable[str | Path], out_dir: str | Path,
                 metadata_csv: str | Path, quarantine_csv: str | Path, size: int = 1024, bit_depth: int = 8,
-                workers: int = 1, on_bad_input: str = "fail") -> ConvertResult:
+                workers: int = 1, on_bad_input: str = "fail", max_decoded_mb: float = DEFAULT_MAX_DECODED_MB,
+                pseudonymize_ids: bool = False, private_dir: str | Path | None = None) -> ConvertResult:
     """The convert stage: DICOMs given as files and/or folders -> PNGs, metadata and quarantine CSV."""
+    dicoms, dicom_dirs = list(dicoms), list(dicom_dirs)
     paths = sorted({Path(p) for p in dicoms} | set(find_dicoms(dicom_dirs)))
     if not paths:
         raise BadInputError(", ".join(map(str, [*dicoms, *dicom_dirs])) or "(no input)", "no DICOM files found")
     quarantine = Quarantine(on_bad_input, stage="convert_dicom")
     Path(quarantine_csv).unlink(missing_ok=True)
+    ids = Pseudonymizer(pseudonymize_ids, private_dir)
     result = convert_dicoms(paths, out_dir, metadata_csv, size=size, bit_depth=bit_depth, workers=workers,
-                            quarantine=quarantine)
+                            quarantine=quarantine, max_decoded_mb=max_decoded_mb, ids=ids)
     quarantine.write(quarantine_csv)
     if result.metadata.empty:
         raise BadInputError(str(out_dir), f"none of the {len(paths)} DICOMs could be converted (see {quarantine_csv})")

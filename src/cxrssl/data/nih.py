@@ -8,14 +8,18 @@ and the PNGs under ``images_*/images/`` (Kaggle) or ``images/`` (the tarballs).
 Outputs (CONTRIBUTING.md contracts): ``index.csv`` with ``image_index, patient_id,
 official_split, path, <one 0/1 column per cxrssl.classes.NIH_FINDINGS>, cache_row`` and a uint8
 ``(N, S, S)`` ``.npy`` whose row ``cache_row`` is that image, square-resized with INTER_AREA.
-Problems (unknown label, image in both or neither list, patient in both splits, missing or
-unreadable PNG) are :class:`BadInputError` naming the file and row, handled by the quarantine.
+Problems (a malformed or undecodable row, unknown label, image in both or neither list, patient in
+both splits, missing or unreadable PNG) are :class:`BadInputError` naming the file and row, handled
+by the quarantine row by row: under ``skip`` one bad line never rejects a whole file. Text files are
+read as UTF-8 with or without a byte-order mark. The cache is built by supervised worker
+processes (:mod:`cxrssl.data.workers`): a worker that dies or hangs costs its image, not the run.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
-import multiprocessing as mp
 import os
 import re
 from collections.abc import Iterator
@@ -27,8 +31,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxrssl.classes import NIH_FINDINGS, NIH_NO_FINDING
+from cxrssl.data.workers import FATAL, TaskFailed, run_tasks
 from cxrssl.errors import BadInputError, Quarantine
-from cxrssl.io import atomic_path, atomic_write_csv
+from cxrssl.io import atomic_path, atomic_write_csv, exclusive_lock
 from cxrssl.utils import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,8 @@ DATA_ENTRY = "Data_Entry_2017.csv"
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
 INDEX_COLUMNS = ["image_index", "patient_id", "official_split", "path", *NIH_FINDINGS, "cache_row"]
+#: An image whose cache row takes longer is stopped and quarantined (a decoder caught in a loop).
+CACHE_TIMEOUT_S = 300.0
 
 #: Data_Entry columns by their spelling in either release -> our name.
 _COLUMN_NAMES = {
@@ -75,78 +82,126 @@ def parse_finding_labels(text: str, where: str) -> tuple[str, ...]:
     return tuple(labels)
 
 
+def read_text_lines(path: str | Path) -> str:
+    """A text file as str: UTF-8 with or without a byte-order mark; undecodable bytes are kept as
+    surrogates (``surrogateescape``) so the line holding them can be named and skipped."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInputError(str(path), "file not found") from None
+    except OSError as exc:
+        raise BadInputError(str(path), f"cannot read it: {exc.strerror or exc}") from None
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _undecodable(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _csv_records(path: Path, text: str, quarantine: Quarantine) -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` of every CSV record; a record the csv module cannot parse is quarantined."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    next_line = 1
+    while True:
+        start = next_line
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            next_line = reader.line_num + 1
+            quarantine.add(BadInputError(f"{path}:line {start}", f"malformed CSV record: {exc}"))
+            continue
+        next_line = reader.line_num + 1
+        yield start, record
+
+
 def read_data_entry(csv_path: str | Path, quarantine: Quarantine | None = None) -> pd.DataFrame:
     """Read Data_Entry_2017.csv (either release) into one row per image.
 
     Columns: ``image_index, patient_id, finding_labels`` plus ``follow_up, patient_age,
-    patient_sex, view_position`` where present, and one 0/1 int column per NIH finding. Bad rows
-    (named ``file:line N``) go to ``quarantine`` (default: fail on the first).
+    patient_sex, view_position`` where present, and one 0/1 int column per NIH finding. Every row
+    is checked on its own; bad rows (named ``file:line N``) go to ``quarantine`` (default: fail
+    on the first). A missing file or a header without the required columns is never skippable.
     """
     csv_path = Path(csv_path)
     quarantine = quarantine if quarantine is not None else Quarantine("fail", stage="index_nih")
-    try:
-        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except FileNotFoundError:
-        raise BadInputError(str(csv_path), "file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise BadInputError(str(csv_path), f"not a readable CSV: {exc}") from None
-    raw.columns = [str(c).strip() for c in raw.columns]
-    missing = [c for c in _REQUIRED if c not in raw.columns]
-    if missing:
-        raise BadInputError(str(csv_path), f"missing column(s) {missing}; header is {list(raw.columns)}")
-    # The trailing comma of both releases yields an empty `Unnamed: N` column: drop it.
-    extra = [c for c in raw.columns if c.startswith("Unnamed:")]
-    if any((raw[c].str.strip() != "").any() for c in extra):
-        log.warning("%s: unnamed columns with values (%s) ignored", csv_path, extra)
-    frame = raw[[c for c in raw.columns if c in _COLUMN_NAMES]].rename(columns=_COLUMN_NAMES)
-    frame = frame.apply(lambda col: col.str.strip())
+    records = _csv_records(csv_path, read_text_lines(csv_path), quarantine)
+    header = None
+    for line, record in records:
+        if any(field.strip() for field in record):
+            header = [field.strip() for field in record]
+            break
+    if header is None:
+        raise BadInputError(str(csv_path), "empty file (no header)")
+    missing = [c for c in _REQUIRED if c not in header]
+    if missing or _undecodable(",".join(header)):
+        raise BadInputError(f"{csv_path}:line {line}", f"missing column(s) {missing}; header is {header}")
+    position = {_COLUMN_NAMES[name]: i for i, name in enumerate(header) if name in _COLUMN_NAMES}
+    unnamed = [i for i, name in enumerate(header) if not name]  # the trailing comma's empty column
 
-    keep, labels, first_line = [], [], {}
-    for i, row in enumerate(frame.itertuples(index=False)):
-        where = f"{csv_path}:line {i + 2}"  # line 1 is the header
+    rows, labels, first_line = [], [], {}
+    for line, record in records:
+        if not any(field.strip() for field in record):
+            continue  # blank line
+        where = f"{csv_path}:line {line}"
         try:
-            if not _NAME_OK.match(row.image_index):
-                raise BadInputError(where, f"Image Index {row.image_index!r} is not a PNG file name")
-            if not row.patient_id:
-                raise BadInputError(where, f"empty Patient ID for {row.image_index}")
-            if row.image_index in first_line:
-                raise BadInputError(where, f"duplicate Image Index {row.image_index} (first at line "
-                                           f"{first_line[row.image_index]})")
-            found = parse_finding_labels(row.finding_labels, where)
+            if _undecodable(",".join(record)):
+                raise BadInputError(where, "is not valid UTF-8")
+            if len(record) > len(header) and any(f.strip() for f in record[len(header):]):
+                raise BadInputError(where, f"has {len(record)} fields, the header {len(header)}")
+            if len(record) < len(header) and any(i < len(header) and i not in unnamed
+                                                 for i in range(len(record), len(header))):
+                raise BadInputError(where, f"has {len(record)} fields, the header {len(header)}")
+            row = {name: (record[i].strip() if i < len(record) else "") for name, i in position.items()}
+            if not _NAME_OK.match(row["image_index"]):
+                raise BadInputError(where, f"Image Index {row['image_index'][:80]!r} is not a PNG file name")
+            if not row["patient_id"]:
+                raise BadInputError(where, f"empty Patient ID for {row['image_index']}")
+            if row["image_index"] in first_line:
+                raise BadInputError(where, f"duplicate Image Index {row['image_index']} (first at line "
+                                           f"{first_line[row['image_index']]})")
+            found = parse_finding_labels(row["finding_labels"], where)
         except BadInputError as exc:
             quarantine.add(exc)
             continue
-        first_line[row.image_index] = i + 2
-        keep.append(i)
+        if any(i < len(record) and record[i].strip() for i in unnamed):
+            log.warning("%s: values in the unnamed trailing column ignored", where)
+        first_line[row["image_index"]] = line
+        rows.append(row)
         labels.append([int(name in found) for name in NIH_FINDINGS])
-    frame = frame.iloc[keep].reset_index(drop=True)
-    matrix = pd.DataFrame(np.asarray(labels, dtype=np.int64).reshape(len(keep), len(NIH_FINDINGS)),
+    columns = [c for c in _COLUMN_NAMES.values() if c in position]
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys(columns)))
+    matrix = pd.DataFrame(np.asarray(labels, dtype=np.int64).reshape(len(rows), len(NIH_FINDINGS)),
                           columns=list(NIH_FINDINGS))
     return pd.concat([frame, matrix], axis=1)
 
 
-def read_split_list(path: str | Path) -> list[str]:
+def read_split_list(path: str | Path, quarantine: Quarantine | None = None) -> list[str]:
     """Image names of one official split list, in file order.
 
-    Tolerates a missing final newline, CRLF line ends and blank lines; a duplicate or a malformed
-    name is a BadInputError naming ``file:line N``.
+    Tolerates a byte-order mark, a missing final newline, CRLF line ends and blank lines; a
+    duplicate, malformed or undecodable name is a BadInputError naming ``file:line N`` (skipped
+    under the ``skip`` policy).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise BadInputError(str(path), "file not found") from None
+    quarantine = quarantine if quarantine is not None else Quarantine("fail", stage="index_nih")
     names, seen = [], {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(read_text_lines(path).splitlines(), start=1):
         name = line.strip()
         if not name:
             continue
-        if not _NAME_OK.match(name):
-            raise BadInputError(f"{path}:line {number}", f"{name!r} is not a PNG file name")
-        if name in seen:
-            raise BadInputError(f"{path}:line {number}", f"duplicate entry {name} (first at line {seen[name]})")
-        seen[name] = number
-        names.append(name)
+        where = f"{path}:line {number}"
+        if _undecodable(name):
+            quarantine.add(BadInputError(where, "is not valid UTF-8"))
+        elif not _NAME_OK.match(name):
+            quarantine.add(BadInputError(where, f"{name[:80]!r} is not a PNG file name"))
+        elif name in seen:
+            quarantine.add(BadInputError(where, f"duplicate entry {name} (first at line {seen[name]})"))
+        else:
+            seen[name] = number
+            names.append(name)
     return names
 
 
@@ -213,7 +268,8 @@ def build_index(root: str | Path, quarantine: Quarantine) -> pd.DataFrame:
     """The NIH_INDEX table (contract columns, sorted by image name, ``cache_row`` = 0..N-1)."""
     root = Path(root)
     entries = read_data_entry(root / DATA_ENTRY, quarantine)
-    train_val, test = read_split_list(root / TRAIN_VAL_LIST), read_split_list(root / TEST_LIST)
+    train_val = read_split_list(root / TRAIN_VAL_LIST, quarantine)
+    test = read_split_list(root / TEST_LIST, quarantine)
     indexed = assign_official_split(entries, train_val, test, quarantine)
     images = find_images(root)
     paths = indexed["image_index"].map(images)
@@ -250,24 +306,22 @@ def load_grey(path: str | Path, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
+def _cache_init() -> None:
+    cv2.setNumThreads(1)  # one process per core already
+
+
 def _cache_worker(task: tuple[int, str, int]) -> tuple:
+    """Worker: one cache row; ``(row, image, None)`` or ``(row, None, reason)``, never raises for a
+    property of the image (the exception does not survive pickling: the reason travels back)."""
     row, path, size = task
     try:
         return row, load_grey(path, size), None
-    except BadInputError as exc:  # returned: the exception does not survive pickling
-        return row, None, (exc.item, exc.reason)
-
-
-def _cache_results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_cache_worker, tasks)
-        return
-    # forkserver: workers do not inherit the parent's threads (logging, tqdm monitor)
-    context = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["cxrssl.data.nih"])  # import once in the server, not per worker
-    with context.Pool(min(workers, len(tasks)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-        yield from pool.imap_unordered(_cache_worker, tasks, chunksize=16)
+    except BadInputError as exc:
+        return row, None, exc.reason
+    except FATAL:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - e.g. an OpenCV error or MemoryError on a hostile PNG
+        return row, None, f"could not read it ({type(exc).__name__}: {str(exc).strip()[:200]})"
 
 
 def build_cache(index: pd.DataFrame, root: str | Path, out_path: str | Path, size: int, workers: int = 1,
@@ -281,13 +335,15 @@ def build_cache(index: pd.DataFrame, root: str | Path, out_path: str | Path, siz
     bad_rows: set[int] = set()
     with atomic_path(out_path, suffix=".npy") as tmp:
         cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_rows, size, size))
-        stream = _cache_results(tasks, workers)
+        stream = run_tasks(_cache_worker, tasks, workers, initializer=_cache_init, preload=("cxrssl.data.nih",),
+                           timeout_s=CACHE_TIMEOUT_S, what="NIH image")
         try:
-            for row, image, error in tqdm(stream, total=len(tasks), desc=f"NIH cache {size}px", unit="img",
-                                          disable=progress_disabled() or not tasks):
+            for k, outcome in tqdm(stream, total=len(tasks), desc=f"NIH cache {size}px", unit="img",
+                                   disable=progress_disabled() or not tasks):
+                row, image, error = (tasks[k][0], None, outcome.reason) if isinstance(outcome, TaskFailed) else outcome
                 if error is not None:
                     bad_rows.add(row)
-                    quarantine.add(BadInputError(*error))
+                    quarantine.add(BadInputError(tasks[k][1], error))
                     continue
                 cache[row] = image
         finally:
@@ -299,9 +355,17 @@ def build_cache(index: pd.DataFrame, root: str | Path, out_path: str | Path, siz
 
 def index_nih(root: str | Path, index_csv: str | Path, cache_npy: str | Path, quarantine_csv: str | Path,
               cache_size: int, workers: int = 1, on_bad_input: str = "fail") -> pd.DataFrame:
-    """Build NIH_INDEX, NIH_CACHE and NIH_QUARANTINE; the index is written last."""
+    """Build NIH_INDEX, NIH_CACHE and NIH_QUARANTINE; the index is written last. A second job on
+    the same index stops at once (lock beside it) instead of mixing its outputs with the first's."""
+    index_csv = Path(index_csv)
+    with exclusive_lock(index_csv.with_name(f".{index_csv.name}.lock"), str(index_csv)):
+        return _index_nih(root, index_csv, cache_npy, quarantine_csv, cache_size, workers, on_bad_input)
+
+
+def _index_nih(root, index_csv: Path, cache_npy, quarantine_csv, cache_size: int, workers: int,
+               on_bad_input: str) -> pd.DataFrame:
     quarantine = Quarantine(on_bad_input, stage="index_nih")
-    Path(index_csv).unlink(missing_ok=True)  # exists only after a complete run
+    index_csv.unlink(missing_ok=True)  # exists only after a complete run
     index = build_index(root, quarantine)
     if index.empty:
         quarantine.write(quarantine_csv)

@@ -16,6 +16,9 @@ Outputs in ``--out-dir``:
 * ``quarantine.csv`` — inputs that could not be read (``--on-bad-input skip``).
 
 The image id is the file name without its suffix (VinDr ids for VinDr files); it must be unique.
+With ``--pseudonymize-ids true`` every output names images by pseudonym instead
+(:mod:`cxrssl.privacy`; the mapping goes to ``--private-dir``, and
+``cxrssl.privacy.restore_ids`` turns the submission back into real ids for an upload).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from cxrssl.detection.model import load_trained_detector
 from cxrssl.detection.transforms import read_grey_image, to_model_tensor
 from cxrssl.errors import BadInputError, Quarantine
 from cxrssl.io import atomic_path, atomic_write_csv, atomic_write_json
+from cxrssl.privacy import Pseudonymizer
 from cxrssl.utils import pick_device, progress_disabled, setup_logging
 
 log = logging.getLogger(__name__)
@@ -92,10 +96,10 @@ def read_original(path: Path) -> np.ndarray:
     return image
 
 
-def prepare(path: Path, input_size: int, bit_depth: int) -> Prepared:
+def prepare(path: Path, input_size: int, bit_depth: int, image_id: str | None = None) -> Prepared:
     original = read_original(path)
     display, _ = to_display_png(original, input_size, bit_depth, item=str(path))
-    return Prepared(path.stem, path, to_model_tensor(display, path), display, *original.shape)
+    return Prepared(image_id or path.stem, path, to_model_tensor(display, path), display, *original.shape)
 
 
 def to_original(boxes: np.ndarray, prep: Prepared) -> np.ndarray:
@@ -152,14 +156,14 @@ def draw_overlay(prep: Prepared, labels: np.ndarray, scores: np.ndarray, boxes: 
         canvas.save(tmp, format="PNG")
 
 
-def _batches(paths: list[Path], size: int, input_size: int, bit_depth: int, quarantine: Quarantine
-             ) -> Iterator[list[Prepared]]:
+def _batches(paths: list[Path], size: int, input_size: int, bit_depth: int, quarantine: Quarantine,
+             ids: Pseudonymizer) -> Iterator[list[Prepared]]:
     batch: list[Prepared] = []
     for path in paths:
         try:
-            batch.append(prepare(path, input_size, bit_depth))
+            batch.append(prepare(path, input_size, bit_depth, ids.image_id(path.stem, path)))
         except BadInputError as exc:
-            quarantine.add(exc)
+            quarantine.add(BadInputError(ids.file_label(path), ids.scrub(exc.reason, path)) if ids.enabled else exc)
             continue
         if len(batch) == size:
             yield batch
@@ -171,7 +175,8 @@ def _batches(paths: list[Path], size: int, input_size: int, bit_depth: int, quar
 def predict_files(checkpoint: str | Path, inputs: Iterable[str | Path], out_dir: str | Path,
                   score_thr: float | None = None, device: str | None = None, batch_size: int = 4,
                   overlay_score_thr: float = 0.3, overlay_max_size: int = 1024,
-                  on_bad_input: str = "fail") -> pd.DataFrame:
+                  on_bad_input: str = "fail", pseudonymize_ids: bool = False,
+                  private_dir: str | Path | None = None) -> pd.DataFrame:
     """Predict every input with the detector in ``checkpoint``; writes the outputs listed in the
     module docstring and returns the submission table. ``score_thr`` defaults to the checkpoint's."""
     out_dir = Path(out_dir)
@@ -182,12 +187,13 @@ def predict_files(checkpoint: str | Path, inputs: Iterable[str | Path], out_dir:
         model.roi_heads.score_thresh = float(score_thr)
     thr = float(model.roi_heads.score_thresh)
     quarantine = Quarantine(policy=on_bad_input, stage="predict")
+    ids = Pseudonymizer(pseudonymize_ids, private_dir)
     log.info("predicting %d files with %s (%s, init %s, res %d, score >= %g) on %s", len(paths), checkpoint,
              meta["arch"], meta["init"], meta["res"], thr, dev)
     rows, results = [], []
     bar = tqdm(total=len(paths), desc="predict", disable=progress_disabled())
     coco_id = 0
-    for batch in _batches(paths, batch_size, int(meta["input_size"]), int(meta["input_bit_depth"]), quarantine):
+    for batch in _batches(paths, batch_size, int(meta["input_size"]), int(meta["input_bit_depth"]), quarantine, ids):
         with torch.no_grad():
             outputs = model([p.tensor.to(dev) for p in batch])
         for prep, out in zip(batch, outputs):
@@ -211,6 +217,7 @@ def predict_files(checkpoint: str | Path, inputs: Iterable[str | Path], out_dir:
     atomic_write_csv(submission, out_dir / "submission.csv")
     atomic_write_json(results, out_dir / "predictions.json", indent=None)
     quarantine.write(out_dir / "quarantine.csv")
+    ids.write_mapping("predict")
     log.info("wrote %d images (%d boxes, %d quarantined) to %s", len(submission), len(results), len(quarantine),
              out_dir)
     return submission
@@ -232,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Stop at an unreadable input, or list it in quarantine.csv and go on.")
     parser.add_argument("--log", default=None, help="Also log to this file.")
     add_section_args(parser, "detection.predict")
+    add_section_args(parser, "privacy")
     return parser
 
 
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log)
     settings = section_args(args, "detection.predict")
     predict_files(args.checkpoint, args.inputs, args.out_dir, score_thr=args.score_thr, device=args.device,
-                  on_bad_input=args.on_bad_input, **settings)
+                  on_bad_input=args.on_bad_input, **settings, **section_args(args, "privacy"))
     return 0
 
 
