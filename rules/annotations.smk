@@ -23,6 +23,7 @@ rule parse_annotations:
         ),
     params:
         args=cli("vindr"),
+        privacy=cli("privacy"),
         on_bad_input=ON_BAD_INPUT,
     log:
         f"{LOGS}/parse_annotations.log",
@@ -35,7 +36,7 @@ rule parse_annotations:
         mem_mb=2000,
         runtime=15,
     shell:
-        "{PY} {SCRIPTS}/parse_annotations.py {params.args} --on-bad-input {params.on_bad_input}"
+        "{PY} {SCRIPTS}/parse_annotations.py {params.args} {params.privacy} --on-bad-input {params.on_bad_input}"
         " --annotations {output.annotations} --quarantine {output.quarantine} --log {log}"
 
 

@@ -15,6 +15,7 @@ from cxrssl.utils import setup_logging
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_section_args(parser, "vindr")
+    add_section_args(parser, "privacy")
     parser.add_argument("--on-bad-input", choices=POLICIES, default="fail",
                         help="fail: stop at the first bad row; skip: quarantine it and go on (default: fail)")
     parser.add_argument("--annotations", required=True, help="output annotations.csv")
@@ -23,7 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging(args.log)
     vindr = section_args(args, "vindr")
-    run_parse(vindr["root"], vindr["layout"], args.annotations, args.quarantine, args.on_bad_input)
+    run_parse(vindr["root"], vindr["layout"], args.annotations, args.quarantine, args.on_bad_input,
+              **section_args(args, "privacy"))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def write_layout(root: Path, layout: str, train: list[dict], test: list[dict] | 
 
 
 coord = st.floats(min_value=0, max_value=4000, allow_nan=False, allow_infinity=False)
-extent = st.floats(min_value=0.5, max_value=1000, allow_nan=False, allow_infinity=False)
+extent = st.floats(min_value=1.5, max_value=1000, allow_nan=False, allow_infinity=False)  # >= MIN_BOX_SIDE
 
 
 @st.composite
@@ -74,9 +74,17 @@ def valid_rows(draw) -> dict:
     cid = draw(st.integers(0, len(VINDR_CLASSES) - 1))
     x0, y0, w, h = draw(coord), draw(coord), draw(extent), draw(extent)
     if x0 + w <= x0 or y0 + h <= y0:  # float absorption near large values
-        w, h = 1.0, 1.0
+        w, h = 2.0, 2.0
     return dict(image_id=image_id, rad_id=rad_id, class_name=VINDR_CLASSES[cid], class_id=cid,
                 x_min=x0, y_min=y0, x_max=x0 + w, y_max=y0 + h)
+
+
+def row_key(row: dict) -> tuple:
+    """What makes a reader row unique (a repeated one is a bad row)."""
+    return (row["image_id"], row["rad_id"], row["class_name"], *(_fmt(row[c]) for c in ("x_min", "y_min", "x_max", "y_max")))
+
+
+unique_rows = dict(unique_by=row_key)
 
 
 def assert_same_rows(frame: pd.DataFrame, rows: list[dict], source_split: str) -> None:
@@ -95,7 +103,8 @@ def assert_same_rows(frame: pd.DataFrame, rows: list[dict], source_split: str) -
 
 
 @HYPO
-@given(train=st.lists(valid_rows(), min_size=1, max_size=15), test=st.lists(valid_rows(), max_size=5))
+@given(train=st.lists(valid_rows(), min_size=1, max_size=15, **unique_rows),
+       test=st.lists(valid_rows(), max_size=5, **unique_rows))
 def test_physionet_round_trip(tmp_path_factory, train, test):
     # image ids of the test file get their own prefix (an image in both files is an error).
     test = [dict(r, image_id="t" + r["image_id"]) for r in test]
@@ -107,7 +116,7 @@ def test_physionet_round_trip(tmp_path_factory, train, test):
 
 
 @HYPO
-@given(rows=st.lists(valid_rows(), min_size=1, max_size=15))
+@given(rows=st.lists(valid_rows(), min_size=1, max_size=15, **unique_rows))
 def test_kaggle_round_trip(tmp_path_factory, rows):
     root = tmp_path_factory.mktemp("kaggle")
     write_layout(root, "kaggle", rows)
@@ -180,7 +189,8 @@ def test_each_mutation_names_the_row(tmp_path, layout):
         root = tmp_path / layout / name.replace(" ", "_")
         path = root / ("annotations/annotations_train.csv" if layout == "physionet" else "train.csv")
         header = PHYSIONET_HEADER if layout == "physionet" else KAGGLE_HEADER
-        write_csv(path, header, [record, mutate(record), record])
+        other = physionet_record(dict(GOOD, rad_id="R2")) if layout == "physionet" else kaggle_record(dict(GOOD, rad_id="R2"))
+        write_csv(path, header, [record, mutate(record), other])
         if layout == "physionet":
             write_csv(root / "annotations/annotations_test.csv", header, [])
         with pytest.raises(BadInputError) as err:
@@ -222,7 +232,8 @@ def test_garbage_rows_only_raise_bad_input(tmp_path_factory, layout, garbage, ra
     header = PHYSIONET_HEADER if layout == "physionet" else KAGGLE_HEADER
     good = physionet_record(GOOD) if layout == "physionet" else kaggle_record(GOOD)
     path = root / ("annotations/annotations_train.csv" if layout == "physionet" else "train.csv")
-    write_csv(path, header, [good, *garbage, good])
+    other = physionet_record(dict(GOOD, rad_id="R2")) if layout == "physionet" else kaggle_record(dict(GOOD, rad_id="R2"))
+    write_csv(path, header, [good, *garbage, other])
     with path.open("ab") as fh:  # plus a line of arbitrary bytes (maybe not UTF-8)
         fh.write(raw_bytes.replace(b"\n", b" ").replace(b"\r", b" ") + b"\n")
     if layout == "physionet":
@@ -283,3 +294,42 @@ def test_script_help_and_run(tmp_path):
                     "--log", tmp_path / "log.txt"], check=True, capture_output=True)
     assert pd.read_csv(out)["source_split"].tolist() == ["train", "test"]
     assert "valid rows" in (tmp_path / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------ hostile rows (issue 11)
+
+
+@pytest.mark.parametrize("layout", ["physionet", "kaggle"])
+def test_csv_module_errors_are_bad_rows(tmp_path, layout):
+    """A field over the csv module's 128 kB limit raised csv.Error outside the per-row check."""
+    header = PHYSIONET_HEADER if layout == "physionet" else KAGGLE_HEADER
+    good = physionet_record(GOOD) if layout == "physionet" else kaggle_record(GOOD)
+    other = physionet_record(dict(GOOD, rad_id="R2")) if layout == "physionet" else kaggle_record(dict(GOOD, rad_id="R2"))
+    path = tmp_path / ("annotations/annotations_train.csv" if layout == "physionet" else "train.csv")
+    write_csv(path, header, [good])
+    with path.open("a") as fh:
+        fh.write("x" * 200_000 + ",R1,Cardiomegaly\n")
+        fh.write(",".join(other) + "\n")
+    if layout == "physionet":
+        write_csv(tmp_path / "annotations/annotations_test.csv", header, [])
+    with pytest.raises(BadInputError, match=r"row 2 \(line 3\): malformed CSV record.*field larger than field limit"):
+        read_vindr_annotations(tmp_path, layout, Quarantine("fail"))
+    quarantine = Quarantine("skip")
+    frame = read_vindr_annotations(tmp_path, layout, quarantine)
+    assert frame["rad_id"].tolist() == ["R1", "R2"] and len(quarantine) == 1
+
+
+@pytest.mark.parametrize("width", [1e-13, 0.5, 0.999])
+def test_degenerate_boxes_are_rejected_at_the_row(tmp_path, width):
+    write_layout(tmp_path, "kaggle", [GOOD, dict(GOOD, rad_id="R2", x_max=GOOD["x_min"] + width)])
+    with pytest.raises(BadInputError, match=r"train.csv:row 2 \(line 3\): degenerate box"):
+        read_vindr_annotations(tmp_path, "kaggle", Quarantine("fail"))
+
+
+def test_repeated_reader_rows_are_dropped_and_named(tmp_path, caplog):
+    nf = dict(image_id="img1", rad_id="R3", class_name=VINDR_NO_FINDING, class_id=14,
+              x_min=math.nan, y_min=math.nan, x_max=math.nan, y_max=math.nan)
+    write_layout(tmp_path, "kaggle", [GOOD, GOOD, dict(GOOD, rad_id="R2"), GOOD, nf, nf])
+    frame = read_vindr_annotations(tmp_path, "kaggle", Quarantine("fail"))
+    assert frame["rad_id"].tolist() == ["R1", "R2", "R3"]
+    assert "3 repeated reader row(s) dropped" in caplog.text and "row 2 (line 3) = row 1 (line 2)" in caplog.text

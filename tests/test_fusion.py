@@ -243,3 +243,28 @@ def test_script_runs(tmp_path):
     fused = pd.read_csv(tmp_path / "out/fused.csv")
     assert fused["n_readers"].tolist() == [2, 3, 1]
     assert np.allclose(fused["score"], [2 / 3, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------ hostile rows (issue 11)
+
+
+def test_repeated_reader_rows_do_not_inflate_scores():
+    """One of three readers drew the box: 1/3, however often the row is repeated (was 2/3, then 1.0)."""
+    rows = [box("a", "R1", 3, 100, 100, 200, 200), no_finding("a", "R2"), no_finding("a", "R3")]
+    for copies in (1, 2, 3):
+        out, _ = fuse(rows + [rows[0]] * (copies - 1), {"a": (1000, 1000)})
+        assert len(out) == 1 and out.loc[0, "n_readers"] == 1
+        assert out.loc[0, "score"] == pytest.approx(1 / 3), copies
+
+
+def test_one_reader_with_two_overlapping_boxes_counts_once_in_the_score():
+    rows = [box("a", "R1", 3, 100, 100, 200, 200), box("a", "R1", 3, 103, 101, 202, 199),
+            no_finding("a", "R2"), no_finding("a", "R3")]
+    out, _ = fuse(rows, {"a": (1000, 1000)})
+    assert len(out) == 1 and out.loc[0, "n_readers"] == 1 and out.loc[0, "score"] == pytest.approx(1 / 3)
+
+
+def test_a_box_clipped_to_a_sliver_is_quarantined():
+    rows = [box("a", "R1", 0, 999.5, 10, 1005, 500), box("a", "R2", 0, 10, 10, 300, 500)]  # 0.5 px left inside
+    with pytest.raises(BadInputError, match=r"row 1 \(line 2\).*less than 1 px wide or high inside the image"):
+        fuse(rows, {"a": (1000, 800)})

@@ -3,8 +3,11 @@
 VinDr-CXR training images carry three independent readers' boxes; the detector is trained on one
 consensus box set per image, made with ``ensemble_boxes.weighted_boxes_fusion``: each reader is one
 list, every box has confidence 1 and weight 1, so a box drawn by k of n readers gets score k/n
-(conf_type ``avg``). WBF expects coordinates in [0, 1]: boxes are normalised by the image's
-ORIGINAL width/height first (pixel coordinates would be clipped to 1 and dropped without a word).
+(conf_type ``avg``; WBF itself counts boxes, so a reader who drew two overlapping boxes would count
+twice: the ``avg`` score is the share of distinct readers, ``n_readers / n``); a repeated reader
+row (same image, reader, class and box) is dropped before fusion. WBF expects coordinates in [0, 1]: boxes are
+normalised by the image's ORIGINAL width/height first (pixel coordinates would be clipped to 1 and
+dropped without a word).
 
 Images with a single reader (PhysioNet's test consensus) are passed through: only exact duplicate
 boxes are merged, since WBF would also merge a reader's own overlapping boxes.
@@ -28,6 +31,7 @@ from ensemble_boxes import weighted_boxes_fusion
 from tqdm.auto import tqdm
 
 from cxrssl.classes import VINDR_CLASSES, VINDR_NO_FINDING_ID, check_class_names, coco_categories
+from cxrssl.data.annotations import MIN_BOX_SIDE
 from cxrssl.errors import BadInputError, Quarantine
 from cxrssl.io import atomic_savefig, atomic_write_csv, atomic_write_json
 from cxrssl.utils import progress_disabled
@@ -69,17 +73,16 @@ def clip_to_image(
     limit = np.stack([width, height, width, height], axis=1)
     over = np.maximum(xy - limit, 0.0) / limit
     clipped = np.minimum(xy, limit)
-    degenerate = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    bad = (over > tolerance).any(axis=1) | degenerate
+    outside = (over > tolerance).any(axis=1)
+    degenerate = (clipped[:, 2] - clipped[:, 0] < MIN_BOX_SIDE) | (clipped[:, 3] - clipped[:, 1] < MIN_BOX_SIDE)
+    bad = outside | degenerate
     for pos in np.flatnonzero(bad):
         row = boxes.iloc[pos]
-        label = boxes.index[pos]
-        item = f"{source}:row {label + 1} (line {label + 2})" if isinstance(label, (int, np.integer)) else source
+        where = (f"lies outside the {int(width[pos])}x{int(height[pos])} image by more than {tolerance:.0%} of its size"
+                 if outside[pos] else f"is less than {MIN_BOX_SIDE:g} px wide or high inside the image")
         quarantine.add(BadInputError(
-            item,
-            f"box {xy[pos].tolist()} of image {row['image_id']} (reader {row['rad_id']}, {row['class_name']}) "
-            f"lies outside the {int(width[pos])}x{int(height[pos])} image by more than "
-            f"{tolerance:.0%} of its size",
+            _row_item(source, boxes.index[pos]),
+            f"box {xy[pos].tolist()} of image {row['image_id']} (reader {row['rad_id']}, {row['class_name']}) {where}",
         ))
     n_clipped = int(((over > 0).any(axis=1) & ~bad).sum())
     if n_clipped:
@@ -87,6 +90,22 @@ def clip_to_image(
     out = boxes.copy()
     out[COORDS] = clipped
     return out[~bad]
+
+
+def _row_item(source: str, label) -> str:
+    """``source:row N (line L)`` for a 0-based data-row index label of ``source``."""
+    return f"{source}:row {label + 1} (line {label + 2})" if isinstance(label, (int, np.integer)) else source
+
+
+def drop_repeated_rows(rows: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Rows without repeats of an earlier row's image, reader, class and box (the log names them):
+    a repeat adds nothing but would count its reader twice."""
+    repeated = rows.duplicated(["image_id", "rad_id", "class_id", *COORDS], keep="first")
+    if repeated.any():
+        named = [_row_item(source, label) for label in rows.index[repeated][:5]]
+        log.warning("%d repeated reader row(s) dropped: %s%s", int(repeated.sum()), "; ".join(named),
+                    " ..." if repeated.sum() > 5 else "")
+    return rows[~repeated]
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -159,7 +178,10 @@ def fuse_image(
             n_readers[k] = max(1, len(set(reader_of[in_idx[best == k]].tolist())))
     out = pd.DataFrame(fused * scale, columns=COORDS)
     out.insert(0, "class_id", labels)
-    out["score"] = np.asarray(scores, dtype=float)
+    scores = np.asarray(scores, dtype=float)
+    if conf_type == "avg":  # WBF counts boxes; one reader's two overlapping boxes must not count twice
+        scores = np.minimum(scores, n_readers / len(readers))
+    out["score"] = scores
     out["n_readers"] = n_readers
     return out.sort_values(["class_id", *COORDS]).reset_index(drop=True)
 
@@ -197,6 +219,7 @@ def fuse_boxes(
     _check_class_columns(annotations, "annotations")
 
     rows = annotations[annotations["image_id"].isin(set(split["image_id"]))]
+    rows = drop_repeated_rows(rows, source)
     readers = rows.groupby("image_id")["rad_id"].agg(lambda s: sorted(set(s)))
     boxes = rows[rows["class_id"] != VINDR_NO_FINDING_ID]
     boxes = clip_to_image(boxes, metadata, quarantine, source=source)
