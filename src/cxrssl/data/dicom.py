@@ -195,6 +195,31 @@ def _check_geometry(path: Path, ds: pydicom.Dataset, max_bytes: int) -> tuple[in
     return rows, cols, allocated
 
 
+def _check_luts(path: Path, ds: pydicom.Dataset) -> None:
+    """A modality or VOI LUT in use must hold as many entries as its descriptor declares (pydicom
+    silently ignores an empty one and reads past or short of a wrong one)."""
+    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
+        sequence = ds.get(keyword)
+        if not sequence:
+            continue
+        item = sequence[0]
+        descriptor, data = item.get("LUTDescriptor"), item.get("LUTData")
+        if descriptor is None or data is None:
+            raise BadInputError(str(path), f"{keyword} item without LUTDescriptor or LUTData")
+        if not isinstance(descriptor, (MultiValue, list, tuple)) or len(descriptor) != 3:
+            raise BadInputError(str(path), f"{keyword} LUTDescriptor must have 3 values, has {descriptor!r}"[:200])
+        entries, bits = int(descriptor[0]) or 65536, int(descriptor[2])
+        if not 8 <= bits <= 16:
+            raise BadInputError(str(path), f"{keyword} with {bits} bits per entry (8 to 16 expected)")
+        if isinstance(data, (bytes, bytearray)):
+            sizes = (entries, 2 * entries) if bits <= 8 else (2 * entries,)  # 8-bit entries may be packed
+            count_ok = len(data) in sizes or len(data) in tuple(n + 1 for n in sizes)
+        else:
+            count_ok = len(data if isinstance(data, (MultiValue, list, tuple)) else [data]) == entries
+        if not count_ok:
+            raise BadInputError(str(path), f"{keyword} declares {entries} entries but its LUTData holds another number")
+
+
 def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
     """``(rows, columns, components)`` from a JPEG 2000 codestream's SIZ marker (J2K or JP2)."""
     start = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ
@@ -409,6 +434,7 @@ def _read_dicom(path: Path, max_bytes: int) -> tuple[np.ndarray, dict]:
     if pixels.shape != (rows, cols):
         raise BadInputError(str(path), f"decoded pixel array has shape {pixels.shape}, header says "
                                        f"Rows={rows} Columns={cols}")
+    _check_luts(path, ds)
     lut_sequence = ds.get("VOILUTSequence")
     has_lut = bool(lut_sequence) and "LUTData" in lut_sequence[0]
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
