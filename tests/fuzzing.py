@@ -29,7 +29,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          RLELossless, generate_uid)
 
-from cxrssl.errors import BadInputError
+from cxrssl.data.annotations import KAGGLE_HEADER, PHYSIONET_HEADER, read_vindr_annotations
+from cxrssl.data.nih import read_data_entry, read_split_list
+from cxrssl.errors import BadInputError, Quarantine
 
 #: Planted identifiers: none may appear in any output (file names are pseudonymised in the campaign).
 PATIENT_NAME, PATIENT_ID, BIRTH_DATE = "Fuzzman^Patricia", "PID-FUZZ-90210", "19420704"
@@ -330,6 +332,91 @@ def csv_rows(data: bytes) -> list[list[str]]:
 
 def names_input(exc: BadInputError, path: Path) -> bool:
     return exc.item.startswith(str(path))
+
+
+def temporary_leftovers(folder: Path) -> list[Path]:
+    """Half-written files (cxrssl.io's ``.<name>.<random><suffix>`` temporaries), locks excepted."""
+    keep = {".lock", ".convert_index.csv", ".metadata.csv.lock"}
+    return [p for p in folder.rglob(".*") if p.is_file() and p.name not in keep]
+
+
+def annotation_seed(layout: str) -> bytes:
+    """A valid annotation file of ``layout`` (12 rows, boxes and No finding, 3 readers)."""
+    rows = []
+    for i in range(12):
+        image_id, rad = f"img{i % 4}", f"R{1 + i % 3}"
+        name, cid = (("Cardiomegaly", "3") if i % 3 else ("No finding", "14"))
+        coords = [f"{10 + i}.0", f"{20 + i}.5", f"{200 + i}.0", f"{300 + i}.25"] if cid != "14" else [""] * 4
+        rows.append([image_id, rad, name, *coords] if layout == "physionet" else [image_id, name, cid, rad, *coords])
+    header = PHYSIONET_HEADER if layout == "physionet" else KAGGLE_HEADER
+    return ("\n".join(",".join(r) for r in [header, *rows]) + "\n").encode()
+
+
+def _row_key(record: dict) -> tuple:
+    return tuple(str(record[c]) for c in ("image_id", "rad_id", "class_name")) + tuple(
+        None if (isinstance(record[c], float) and math.isnan(record[c])) or record[c] == "" else float(record[c])
+        for c in ("x_min", "y_min", "x_max", "y_max"))
+
+
+def judge_annotations(root: Path, layout: str, seed: bytes, data: bytes, touched: set[int] | None) -> tuple[str, str]:
+    """Write ``data`` as the layout's train file under ``root`` and judge the parser on it."""
+    header = PHYSIONET_HEADER if layout == "physionet" else KAGGLE_HEADER
+    path = root / ("annotations/annotations_train.csv" if layout == "physionet" else "train.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if layout == "physionet":
+        (root / "annotations/annotations_test.csv").write_text(",".join(header) + "\n")
+    quarantine = Quarantine("skip")
+    try:
+        frame = read_vindr_annotations(root, layout, quarantine)
+    except BadInputError as exc:
+        if not names_input(exc, path):
+            return "unnamed", str(exc)
+        return ("clean", "") if touched is None else ("wrong", f"file rejected for one bad row: {exc}")
+    except Exception as exc:  # noqa: BLE001 - what the campaign counts
+        return "uncaught", f"{type(exc).__name__}: {exc}"
+    if not all(item.startswith(str(path)) for item, _ in quarantine.items):
+        return "unnamed", str(quarantine.items)
+    if touched is not None:  # every row the mutation did not touch is still there, unchanged
+        kept = {_row_key(r) for r in frame.to_dict("records")}
+        records = [dict(zip(header, r)) for r in csv_rows(seed)[1:]]
+        lost = [r for i, r in enumerate(records, start=1) if i not in touched and _row_key(r) not in kept]
+        if lost:
+            return "wrong", f"lost untouched rows {lost[:2]}"
+    return ("clean" if quarantine.items else "ok"), ""
+
+
+def nih_seed() -> tuple[bytes, bytes]:
+    """A valid Data_Entry file (2017 header, trailing commas) and a list file of its images."""
+    header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+    rows = [f"{p:08d}_{k:03d}.png,{'Effusion|Mass' if k else 'No Finding'},{k},{p},58,M,PA,1024,1024,0.143,0.143,"
+            for p in range(1, 7) for k in range(2)]
+    names = [r.split(",")[0] for r in rows]
+    return ("\n".join([header, *rows]) + "\n").encode(), "\n".join(names).encode()
+
+
+def judge_nih(path: Path, data: bytes, touched: set[int] | None, names: list[str], is_list: bool) -> tuple[str, str]:
+    """Write ``data`` to ``path`` (a Data_Entry or a list file) and judge its reader."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    quarantine = Quarantine("skip")
+    try:
+        found = read_split_list(path, quarantine) if is_list else list(read_data_entry(path, quarantine)["image_index"])
+    except BadInputError as exc:
+        if not names_input(exc, path):
+            return "unnamed", str(exc)
+        return ("clean", "") if touched is None else ("wrong", f"file rejected for one bad line: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        return "uncaught", f"{type(exc).__name__}: {exc}"
+    if not all(item.startswith(str(path)) for item, _ in quarantine.items):
+        return "unnamed", str(quarantine.items)
+    if touched is not None:
+        first = 0 if is_list else 1  # a list file has no header line
+        lost = [n for i, n in enumerate(names, start=first) if i not in touched and n not in set(found)]
+        if lost:
+            return "wrong", f"lost untouched lines {lost[:3]}"
+    return ("clean" if quarantine.items else "ok"), ""
 
 
 # --- configs ---------------------------------------------------------------------------------------

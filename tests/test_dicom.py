@@ -739,3 +739,17 @@ def test_outputs_hold_relative_paths_only(tmp_path, monkeypatch):
     for path in Path("out").rglob("*"):
         if path.is_file():
             assert str(tmp_path).encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("descriptor, data, words", [([3, 0, 16], [0, 1], "declares 3 entries"),
+                                                      ([4, 0, 33], [0, 1, 2, 3], "33 bits per entry"),
+                                                      ([1, 0, 8], None, "without LUTDescriptor or LUTData")])
+def test_a_lut_that_does_not_match_its_descriptor_is_refused(tmp_path, descriptor, data, words):
+    """Found by the fuzz suite: pydicom read past a short LUT, or ignored an empty one."""
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = data
+    item["LUTData"].VR = "US"
+    path = write_dicom(tmp_path / "lut.dicom", ramp(), VOILUTSequence=[item])
+    with pytest.raises(BadInputError, match=words):
+        read_dicom(path)
