@@ -174,10 +174,11 @@ def test_cross_checks_pass_when_the_settings_agree():
 
 @pytest.mark.parametrize("text, words", [("", "is empty"), ("# only a comment\n", "is empty"),
                                          ("- a\n- b\n", "expected a mapping"), ("just text", "expected a mapping"),
-                                         ("pretrain: {epochs: [1\n", "not valid YAML")])
+                                         ("pretrain: {epochs: [1\n", "not valid YAML"),
+                                         (b"seed: 1\nresults_dir: r\xffsults\n", "not UTF-8")])
 def test_empty_or_malformed_yaml_names_the_file(tmp_path, text, words):
     path = tmp_path / "site.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=words) as info:
         load_config(path)
     assert str(info.value).startswith(f"{path}:")
