@@ -133,3 +133,15 @@ def test_predict_with_pseudonyms_keeps_the_kaggle_format(tmp_path, monkeypatch):
     with pytest.raises(BadInputError, match="not in the table"):
         restore_ids(pd.DataFrame({"image_id": ["p" + "0" * 20]}), private / "ids_predict.csv")
     assert sorted(p.stem for p in (out / "overlays").iterdir()) == sorted(hidden["image_id"])
+
+
+def test_other_folder_names_are_never_stored_with_pseudonyms(tmp_path):
+    patient_folder = tmp_path / "site" / "Doe_John"  # a site that files images per patient
+    path = write_dicom(patient_folder / "img1.dicom", ramp())
+    results = tmp_path / "results"
+    with pytest.raises(BadInputError, match="none of the 1 DICOMs"):
+        run_convert([path], [], results / "img", results / "metadata.csv", results / "q.csv", size=32,
+                    on_bad_input="skip", pseudonymize_ids=True, private_dir=tmp_path / "private")
+    (item, reason), = pd.read_csv(results / "q.csv")[["item", "reason"]].itertuples(index=False)
+    assert item.startswith("(folder)/p") and "not in a train or test folder" in reason
+    assert_no_secret_under(results)

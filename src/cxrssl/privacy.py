@@ -31,6 +31,8 @@ from cxrssl.io import atomic_write_csv
 log = logging.getLogger(__name__)
 
 SALT_NAME = "salt.txt"
+#: Folder names that may appear in reports with pseudonyms (VinDr's splits); others could identify.
+SAFE_FOLDERS = ("train", "test")
 MAPPING_COLUMNS = ["image_id", "original_id", "source"]
 #: What a pseudonym looks like (``p`` + 20 hex digits = 80 bits of the HMAC).
 PSEUDONYM = re.compile(r"p[0-9a-f]{20}")
@@ -84,11 +86,13 @@ class Pseudonymizer:
         return pseudo
 
     def file_label(self, path: str | Path) -> str:
-        """How a source file is named in reports and logs: as given, or ``<folder>/<pseudonym><suffix>``."""
+        """How a source file is named in reports and logs: as given, or ``<folder>/<pseudonym><suffix>``
+        (the folder only when it is ``train`` or ``test``; any other name is left out)."""
         path = Path(path)
         if not self.enabled:
             return str(path)
-        return f"{path.parent.name}/{self.image_id(path.stem, path)}{path.suffix}"
+        folder = path.parent.name if path.parent.name in SAFE_FOLDERS else "(folder)"
+        return f"{folder}/{self.image_id(path.stem, path)}{path.suffix}"
 
     def scrub(self, text: str, path: str | Path) -> str:
         """``text`` with every spelling of ``path`` (full, name, stem) replaced by its label."""

@@ -49,7 +49,7 @@ from cxrssl.data.dicom import DEFAULT_MAX_DECODED_MB, read_dicom
 from cxrssl.data.workers import FATAL, TaskFailed, run_tasks
 from cxrssl.errors import BadInputError, Quarantine
 from cxrssl.io import atomic_write_bytes, atomic_write_csv, exclusive_lock
-from cxrssl.privacy import Pseudonymizer
+from cxrssl.privacy import SAFE_FOLDERS, Pseudonymizer
 from cxrssl.utils import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,10 @@ def _convert_locked(dicom_paths, out_dir: Path, metadata_csv: Path, size: int, b
             bad(path, f"duplicate image_id {image_id!r} (also {ids.file_label(seen[image_id])})")
             continue
         seen[image_id] = path
+        if ids.enabled and split not in SAFE_FOLDERS:  # metadata would store the folder's name
+            bad(path, f"is not in a {' or '.join(SAFE_FOLDERS)} folder; with pseudonymised ids other folder names "
+                      "are not stored")
+            continue
         try:
             stat = path.stat()
         except OSError as exc:
