@@ -238,10 +238,16 @@ def convert_dicoms(
     with exclusive_lock(out_dir / ".lock", f"the image folder {out_dir}"), \
             exclusive_lock(metadata_csv.with_name(f".{metadata_csv.name}.lock"), str(metadata_csv)):
         try:
-            return _convert_locked(dicom_paths, out_dir, metadata_csv, size, bit_depth, workers, quarantine,
-                                   max_decoded_mb, ids, timeout_s)
-        finally:
-            ids.write_mapping("convert")  # even a failed run's messages name files by pseudonym
+            result = _convert_locked(dicom_paths, out_dir, metadata_csv, size, bit_depth, workers, quarantine,
+                                     max_decoded_mb, ids, timeout_s)
+        except BaseException:
+            try:  # a failed run's message names its file by pseudonym: the mapping must be there too
+                ids.write_mapping("convert")
+            except OSError as exc:  # but never in place of the error on its way
+                log.error("%s", exc)
+            raise
+        ids.write_mapping("convert")
+        return result
 
 
 def _convert_locked(dicom_paths, out_dir: Path, metadata_csv: Path, size: int, bit_depth: int, workers: int,
