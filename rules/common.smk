@@ -147,6 +147,9 @@ def init_checkpoint(init, allow_arch=False):
     if init_arch(init):
         if not allow_arch:
             raise WorkflowError(f"init {init!r} (another arch) is only available in linear_eval.inits")
+        archs = section_schema("linear_eval")["properties"]["arch"]["enum"]
+        if init_arch(init) not in archs:
+            raise WorkflowError(f"init {init!r}: unknown arch {init_arch(init)!r}; registered: {', '.join(archs)}")
         return init.partition("-")[0]
     if init in PRETRAIN_METHODS:
         return expand(PRETRAIN_BACKBONE, method=init)[0]
