@@ -1,18 +1,24 @@
 #!/usr/bin/env python
-"""Throughput of the pretraining input path: the pipeline's vs the reference code's.
+"""Pretraining throughput: the input path against the reference code's, and every method side by side.
+
+Input path (Barlow Twins views, the `original` recipe at the same crop, same DataLoader workers):
 
 * pipeline:  uint8 cache (np.load mmap) -> torchvision.transforms.v2 on uint8 tensors, per-sample
              seeded -> uint8 batches -> float/normalise on the device (cxrssl.ssl).
 * reference: PIL decode of full-size PNGs + .convert('RGB') -> PIL transforms per sample (the paper's
              recipe) -> ToTensor + Normalize, as the BarlowTwins-CXR code does.
 
-Both with the `original` recipe at the same crop size, through a DataLoader with the same workers.
-Reports loader image pairs/s (two views per image) and, with a model, end-to-end training pairs/s
-(loader + forward/backward + LARS step), plus pipeline/reference ratios. Without --cache/--png-dir
-it generates random grey PNGs and the matching cache in a temporary folder (small by default).
+Reports loader image pairs/s and end-to-end training pairs/s (loader + forward/backward + LARS
+step) of both, with pipeline/reference ratios. Then each method of --methods through the registry
+(the training loop's own steps: per-sample function in the loader, inputs, loss, backward,
+gradient clipping, optimizer step, schedule) in the same run: source images/s per method and the
+ratio of each to Barlow Twins (--arch for the joint-embedding methods, --vit-arch for GMML).
+Without --cache/--png-dir it generates random grey PNGs and the matching cache in a temporary
+folder (small by default).
 
-    python benchmarks/pretrain_throughput.py                      # ~1-2 min on 2 CPU cores
-    python benchmarks/pretrain_throughput.py --n-images 512 --workers 8 --arch resnet50 --crop 224
+    python benchmarks/pretrain_throughput.py                      # ~2-3 min on 2 CPU cores
+    python benchmarks/pretrain_throughput.py --n-images 512 --workers 8 --arch resnet50 \
+        --vit-arch vit_small_patch16 --crop 224 --batch-size 64 --device cuda
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +37,14 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from cxrssl.config import section_defaults
 from cxrssl.models.backbone import FEATURE_DIMS, build_resnet
-from cxrssl.ssl.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, normalize_views
-from cxrssl.ssl.barlow import BarlowTwins
+from cxrssl.ssl.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, normalize_views, sample_seed
 from cxrssl.ssl.data import PairSampler
 from cxrssl.ssl.lars import LARS, lars_param_groups
+from cxrssl.ssl.methods.barlowtwins import BarlowTwins
+from cxrssl.ssl.registry import get_method
+from cxrssl.ssl.train import build_encoder
 
 
 class _PILBlur:
@@ -92,13 +102,76 @@ class PipelineDataset(Dataset):
         return self.n
 
     def __getitem__(self, item):
-        from cxrssl.ssl.augment import sample_seed
-
         epoch, i = item
         if self._cache is None:
             self._cache = np.load(self.cache_path, mmap_mode="r")
         img = torch.from_numpy(np.array(self._cache[i], copy=True)).unsqueeze(0)
         return self.views(img, sample_seed(self.seed, epoch, i))
+
+
+class MethodDataset(Dataset):
+    """The pretraining dataset without the index CSV: each method's per-sample function on the cache."""
+
+    def __init__(self, cache: Path, n: int, sample, seed: int = 0):
+        self.cache_path, self.n, self.sample, self.seed, self._cache = cache, n, sample, seed, None
+
+    def __len__(self):
+        return self.n
+
+    def image(self, i):
+        if self._cache is None:
+            self._cache = np.load(self.cache_path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._cache[i], copy=True)).unsqueeze(0)
+
+    def __getitem__(self, item):
+        epoch, i = item
+        return self.sample(self, i, sample_seed(self.seed, epoch, i))
+
+
+def method_rate(name: str, arch: str, cache: Path, n: int, args, device: torch.device) -> float:
+    """Source images/s of ``name``'s training steps (the loop of cxrssl.ssl.train, minus checkpoints)."""
+    s = section_defaults("pretrain")
+    s.update(batch_size=args.batch_size, image_size=args.crop)
+    s[name].update(arch=arch, init="random")
+    if name == "barlowtwins":
+        s[name]["projector"] = args.projector
+    if name == "vicreg":
+        s[name].update(hidden_dim=args.projector[0], output_dim=args.projector[-1])
+    torch.manual_seed(0)
+    method = get_method(name)(s[name], s)
+    amp = device.type == "cuda"
+    channels_last = amp and method.spec.family == "resnet"
+    model = method.build_model(build_encoder(s[name], args.crop), args.batch_size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = method.optimizer(model)
+    sampler = PairSampler(n, args.batch_size)
+    loader = DataLoader(MethodDataset(cache, n, method.sample()), batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, drop_last=True, pin_memory=amp)
+    model.train()
+    total = args.steps + 1
+    count, start, step, epoch = 0, None, 0, 0
+    while step < total:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            if step == 1:
+                start, count = time.perf_counter(), 0
+            method.schedule(optimizer, step + 5, 100, 5, args.batch_size)  # past the warm-up
+            inputs = method.inputs(batch, device, channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+                loss = model(*inputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            method.clip_gradients(model)
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            count += args.batch_size
+            step += 1
+            if step >= total:
+                break
+        epoch += 1
+    return count / (time.perf_counter() - start)
 
 
 def make_data(folder: Path, n: int, png_size: int, cache_size: int) -> tuple[Path, list[Path]]:
@@ -163,7 +236,11 @@ def main(argv=None) -> dict:
     p.add_argument("--crop", type=int, default=224, help="View size (pretrain.image_size).")
     p.add_argument("--batch-size", type=int, default=8, help="Loader batch size.")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for both paths.")
-    p.add_argument("--arch", default="resnet18", help="Backbone for end-to-end rates ('none' to skip).")
+    p.add_argument("--arch", default="resnet18", help="ResNet of the reference comparison and of barlowtwins/vicreg "
+                   "('none' skips the reference training rates).")
+    p.add_argument("--vit-arch", default="vit_tiny_patch8", help="ViT of gmml (default: the demo's).")
+    p.add_argument("--methods", nargs="*", default=["barlowtwins", "vicreg", "gmml"],
+                   help="Methods timed side by side (ratios against the first, barlowtwins by default).")
     p.add_argument("--projector", type=int, nargs="+", default=[512, 512], help="Projector widths.")
     p.add_argument("--steps", type=int, default=3, help="Timed training steps per path.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -202,6 +279,16 @@ def main(argv=None) -> dict:
         sampler.set_epoch(1)
         out["train_pairs_per_s_pipeline"] = train_rate(pipe_loader, model(), device, True, args.steps)
         out["train_ratio"] = out["train_pairs_per_s_pipeline"] / out["train_pairs_per_s_reference"]
+    arch = args.arch if args.arch != "none" else "resnet18"
+    for name in args.methods:
+        method_arch = args.vit_arch if get_method(name).families == ("vit",) else arch
+        out[f"method_{name}_arch"] = method_arch
+        out[f"method_{name}_images_per_s"] = method_rate(name, method_arch, cache, n_cache, args, device)
+    if args.methods:
+        base = args.methods[0]
+        for name in args.methods[1:]:
+            out[f"method_ratio_{name}_vs_{base}"] = (out[f"method_{name}_images_per_s"]
+                                                     / out[f"method_{base}_images_per_s"])
     for key, value in out.items():
         print(f"{key:32s} {value:.2f}" if isinstance(value, float) else f"{key:32s} {value}")
     if args.json:

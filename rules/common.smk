@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from cxrssl.config import ConfigError, section_to_cli, validate_config
+from cxrssl.config import ConfigError, pretraining_methods, section_schema, section_to_cli, validate_config
 
 # --- config: validate before any job runs; errors name the files, the key and what is wrong ---
 # cxrssl.config checks the schema, NaN/infinity and the cross-checks between sections; the
@@ -75,9 +75,16 @@ VINDR_SPLIT = f"{PREP}/vindr/split.csv"
 VINDR_FUSED = f"{PREP}/vindr/fused_boxes.csv"
 VINDR_COCO = f"{PREP}/vindr/coco_{{split}}.json"
 SPLITS = ["train", "val", "test"]
-# pretraining
-PRETRAIN_DIR = f"{RESULTS}/pretrain/barlowtwins"
+# pretraining: one run folder per method (a method is a module of cxrssl/ssl/methods/ and its
+# block pretrain.<method> in the schema; the blocks name the registered methods here, so the
+# workflow needs no torch import to know them)
+PRETRAIN_METHODS = pretraining_methods()
+PRETRAIN_DIR = f"{RESULTS}/pretrain/{{method}}"
 PRETRAIN_BACKBONE = f"{PRETRAIN_DIR}/backbone.pth"
+PRETRAIN_SIDECAR = f"{PRETRAIN_DIR}/backbone.json"
+_unknown = [m for m in config["pretrain"]["methods"] if m not in PRETRAIN_METHODS]
+if _unknown:
+    raise WorkflowError(f"pretrain.methods: unknown method(s) {_unknown}; registered: {', '.join(PRETRAIN_METHODS)}")
 # linear evaluation
 LINEAR_RUN = f"{RESULTS}/linear_eval/{{init}}/frac{{fraction}}"
 LINEAR_SUMMARY = f"{RESULTS}/linear_eval/summary.csv"
@@ -95,6 +102,7 @@ DETECTION_RUN_SETTINGS = ("engine", "engines", "inits", "resolutions")
 
 wildcard_constraints:
     init="[A-Za-z0-9_-]+",
+    method="|".join(PRETRAIN_METHODS),
     fraction="[0-9.]+",
     res="[0-9]+",
     seed="[0-9]+",
@@ -114,27 +122,63 @@ def cli(section, exclude=()):
     return " ".join(shlex.quote(a) for a in section_to_cli(section, node, exclude=tuple(exclude)))
 
 
-def init_checkpoint(init):
-    """What a backbone `init` wildcard resolves to: random, imagenet or a checkpoint path."""
+def pretrain_backbones():
+    """backbone.pth of every method in pretrain.methods."""
+    return expand(PRETRAIN_BACKBONE, method=config["pretrain"]["methods"])
+
+
+def init_arch(init):
+    """The arch of a `random-<arch>` / `imagenet-<arch>` init (None for every other init)."""
+    kind, sep, arch = init.partition("-")
+    return arch if sep and kind in ("random", "imagenet") else None
+
+
+def init_checkpoint(init, allow_arch=False):
+    """What a backbone `init` wildcard resolves to: random, imagenet or a checkpoint path.
+
+    An init named like a pretraining method is that method's backbone.pth (its backbone.json
+    says which arch to build). `random-<arch>` / `imagenet-<arch>` pick another registered arch
+    than the stage's own; only stages that build any arch (linear evaluation: allow_arch) take
+    them, the others refuse them rather than silently build their own arch.
+    """
     if init in ("random", "imagenet"):
         return init
-    if init == "barlowtwins":
-        return PRETRAIN_BACKBONE
+    if init_arch(init):
+        if not allow_arch:
+            raise WorkflowError(f"init {init!r} (another arch) is only available in linear_eval.inits")
+        archs = section_schema("linear_eval")["properties"]["arch"]["enum"]
+        if init_arch(init) not in archs:
+            raise WorkflowError(f"init {init!r}: unknown arch {init_arch(init)!r}; registered: {', '.join(archs)}")
+        return init.partition("-")[0]
+    if init in PRETRAIN_METHODS:
+        return expand(PRETRAIN_BACKBONE, method=init)[0]
     if init in config["backbones"]:
         return config["backbones"][init]
     raise WorkflowError(
-        f"unknown init {init!r}: use random, imagenet, barlowtwins or a name under `backbones:`"
+        f"unknown init {init!r}: use random, imagenet, random-<arch>, a pretraining method "
+        f"({', '.join(PRETRAIN_METHODS)}) or a name under `backbones:`"
     )
 
 
 def init_input(wildcards):
-    """Input files a backbone init needs (only checkpoints are files)."""
-    value = init_checkpoint(wildcards.init)
-    return [] if value in ("random", "imagenet") else [value]
+    """Input files a backbone init needs (only checkpoints are files; a method's sidecar with it)."""
+    value = init_checkpoint(wildcards.init, allow_arch=True)
+    if value in ("random", "imagenet"):
+        return []
+    if wildcards.init in PRETRAIN_METHODS:
+        return [value, expand(PRETRAIN_SIDECAR, method=wildcards.init)[0]]
+    return [value]
 
 
-def imagenet_flag():
-    path = config["imagenet_weights"]
+def imagenet_path(arch):
+    """The local ImageNet weights for `arch` from `imagenet_weights` (a path, or a map arch -> path)."""
+    weights = config["imagenet_weights"]
+    return weights.get(arch) if isinstance(weights, dict) else weights
+
+
+def imagenet_flag(arch=None):
+    """`--imagenet-weights PATH` for `arch` (detection rules call it without one: detection.arch)."""
+    path = imagenet_path(arch or config["detection"]["arch"])
     return f"--imagenet-weights {shlex.quote(path)}" if path else ""
 
 

@@ -1,4 +1,6 @@
 # Linear evaluation on NIH ChestX-ray14: every backbone init x label fraction, then a summary.
+# An init named like a pretraining method is that method's backbone (its arch from backbone.json);
+# random / imagenet use linear_eval.arch, random-<arch> / imagenet-<arch> another registered arch.
 # Changing linear_eval.inits or .fractions only adds or drops runs: those two lists are left out
 # of the params, so existing runs are not rerun.
 
@@ -21,9 +23,9 @@ rule linear_eval:
     params:
         torch_threads=TORCH_THREADS,  # part of the result on CPU (see the schema)
         args=cli("linear_eval", exclude=("inits", "fractions")),
-        init=lambda wildcards: init_checkpoint(wildcards.init),
-        arch=config["pretrain"]["arch"],
-        imagenet=imagenet_flag(),
+        init=lambda wildcards: init_checkpoint(wildcards.init, allow_arch=True),
+        arch=lambda wildcards: f"--arch {init_arch(wildcards.init)}" if init_arch(wildcards.init) else "",
+        imagenet=lambda wildcards: imagenet_flag(init_arch(wildcards.init) or config["linear_eval"]["arch"]),
         out_dir=lambda wildcards, output: str(Path(output.metrics).parent),
         seed=SEED,
     threads: TORCH_THREADS + config["linear_eval"]["workers"]
@@ -34,7 +36,7 @@ rule linear_eval:
         ENV
     shell:
         "{PY} {SCRIPTS}/linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
-        " --fraction {wildcards.fraction} --arch {params.arch} --index {input.index:q}"
+        " --fraction {wildcards.fraction} {params.arch} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} --threads {params.torch_threads} {params.imagenet}"
         " --log {log:q}"
 

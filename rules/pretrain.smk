@@ -1,31 +1,38 @@
-# Stage: Barlow Twins pretraining on the NIH train_val images (phase 1).
+# Stage: self-supervised pretraining on the NIH train_val images (phase 1), one job per method of
+# pretrain.methods; the method is the {method} wildcard (a module of cxrssl/ssl/methods/ and its
+# schema block pretrain.<method>). Shared settings (pretrain) and the method's own block
+# (pretrain.<method>) reach the script as flags, so changing one method's block reruns only it.
 #
 # The run folder also holds checkpoint.pth, which is deliberately NOT a declared output: Snakemake
 # removes only declared outputs before a rerun (and after a failure or for --rerun-incomplete), so
 # an interrupted or killed job resumes from its last checkpoint when the rule runs again. The
-# script resumes only a checkpoint with the same settings and data, and not a finished one.
-# resources.gpu >= 2 launches one DDP process per GPU through torchrun; 0 or 1 runs one process.
+# script resumes only a checkpoint with the same settings, data and initial weights, and not a
+# finished one. resources.gpu >= 2 launches one DDP process per GPU through torchrun.
 
 PRETRAIN_METRICS = f"{PRETRAIN_DIR}/metrics.csv"
 PRETRAIN_PLOT = f"{PRETRAIN_DIR}/loss.png"
 
 
-rule pretrain_barlowtwins:
+rule pretrain:
     input:
         index=NIH_INDEX,
         cache=NIH_CACHE,
     output:
         backbone=PRETRAIN_BACKBONE,
-        metrics=report(PRETRAIN_METRICS, caption="../report/pretrain_metrics.rst", category="Pretraining"),
-        plot=report(PRETRAIN_PLOT, caption="../report/pretrain_loss.rst", category="Pretraining"),
+        sidecar=PRETRAIN_SIDECAR,
+        metrics=report(PRETRAIN_METRICS, caption="../report/pretrain_metrics.rst", category="Pretraining",
+                       labels={"method": "{method}", "file": "metrics.csv"}),
+        plot=report(PRETRAIN_PLOT, caption="../report/pretrain_loss.rst", category="Pretraining",
+                    labels={"method": "{method}", "file": "loss.png"}),
     log:
-        f"{LOGS}/pretrain_barlowtwins.log",
+        f"{LOGS}/pretrain/{{method}}.log",
     benchmark:
-        f"{BENCH}/pretrain_barlowtwins.tsv"
+        f"{BENCH}/pretrain/{{method}}.tsv"
     params:
         torch_threads=TORCH_THREADS,  # part of the result on CPU (see the schema)
-        args=cli("pretrain"),
-        imagenet=imagenet_flag(),
+        args=cli("pretrain", exclude=("methods",)),
+        method_args=lambda wildcards: cli(f"pretrain.{wildcards.method}"),
+        imagenet=lambda wildcards: imagenet_flag(config["pretrain"][wildcards.method]["arch"]),
         seed=SEED,
         out_dir=lambda wildcards, output: str(Path(output.backbone).parent),
         launcher=torch_launcher,
@@ -37,9 +44,13 @@ rule pretrain_barlowtwins:
     conda:
         ENV
     shell:
-        "{params.launcher} {SCRIPTS}/pretrain.py --index {input.index:q} --cache {input.cache:q}"
-        " --out-dir {params.out_dir:q} --seed {params.seed} --threads {params.torch_threads} {params.imagenet}"
-        " {params.args} --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
+        "{params.launcher} {SCRIPTS}/pretrain.py --method {wildcards.method} --index {input.index:q}"
+        " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed}"
+        " --threads {params.torch_threads} {params.imagenet} {params.args} {params.method_args}"
+        " --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
 
 
-FINAL_TARGETS.append(lambda: [PRETRAIN_BACKBONE, PRETRAIN_METRICS, PRETRAIN_PLOT])
+FINAL_TARGETS.append(
+    lambda: expand([PRETRAIN_BACKBONE, PRETRAIN_SIDECAR, PRETRAIN_METRICS, PRETRAIN_PLOT],
+                   method=config["pretrain"]["methods"])
+)

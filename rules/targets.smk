@@ -45,7 +45,7 @@ rule stage_prepare:
 
 rule stage_pretrain:
     input:
-        lambda wildcards: paths_under(all_targets(), STAGE_DIRS["pretrain"], first=[PRETRAIN_BACKBONE]),
+        lambda wildcards: paths_under(all_targets(), STAGE_DIRS["pretrain"], first=pretrain_backbones()),
 
 
 rule stage_linear_eval:

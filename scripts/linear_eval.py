@@ -2,13 +2,14 @@
 """Linear evaluation (or fine-tuning) of one backbone init on one NIH label fraction.
 
 Writes split.csv, history.csv and metrics.json into --out-dir. Settings come from the
-`linear_eval` config section (see --help); inits and fractions are chosen by the caller.
+`linear_eval` config section (see --help); inits and fractions are chosen by the caller. A
+pretrained --init with a backbone.json sidecar builds the arch the sidecar names; --arch is the
+backbone of random / imagenet and of checkpoints without a sidecar.
 """
 
 import argparse
 
 from cxrssl.config import add_section_args, section_args
-from cxrssl.models.backbone import ARCHS
 
 EXCLUDE = ("inits", "fractions")
 
@@ -25,7 +26,6 @@ def main() -> None:
     parser.add_argument("--init", required=True, help="Backbone init: random, imagenet or a checkpoint path.")
     parser.add_argument("--init-name", default=None, help="Name recorded in metrics.json (default: --init).")
     parser.add_argument("--fraction", required=True, type=fraction, help="Labelled fraction of the training patients.")
-    parser.add_argument("--arch", required=True, choices=ARCHS, help="torchvision ResNet (the pretraining arch).")
     parser.add_argument("--index", required=True, help="NIH index CSV (results/prepare/nih/index.csv).")
     parser.add_argument("--cache", required=True, help="NIH uint8 image cache (.npy).")
     parser.add_argument("--out-dir", required=True, help="Run folder for split.csv, history.csv, metrics.json.")
@@ -38,15 +38,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from cxrssl.linear_eval import run_linear_eval
-    from cxrssl.runtime import configure_threads
     from cxrssl.utils import setup_logging
 
     setup_logging(args.log)
-    configure_threads(args.threads)
     run_linear_eval(index_path=args.index, cache_path=args.cache, init=args.init, fraction=args.fraction,
-                    arch=args.arch, out_dir=args.out_dir, seed=args.seed,
-                    settings=section_args(args, "linear_eval", exclude=EXCLUDE),
-                    imagenet_weights=args.imagenet_weights, init_name=args.init_name)
+                    out_dir=args.out_dir, seed=args.seed, settings=section_args(args, "linear_eval", exclude=EXCLUDE),
+                    imagenet_weights=args.imagenet_weights, init_name=args.init_name, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ def test_repository_config_is_valid():
 def test_paper_config_is_valid_and_holds_the_papers_settings():
     config = load_config(REPO / "config" / "paper.yaml")
     assert config["demo"]["enabled"] is False
-    pre = config["pretrain"]
-    assert (pre["arch"], pre["batch_size"], pre["epochs"], pre["lambd"]) == ("resnet50", 768, 800, 0.0051)
-    assert pre["projector"] == [8192, 8192, 8192]
+    pre, bt = config["pretrain"], config["pretrain"]["barlowtwins"]
+    assert (bt["arch"], pre["batch_size"], pre["epochs"], bt["lambd"]) == ("resnet50", 768, 800, 0.0051)
+    assert bt["projector"] == [8192, 8192, 8192] and bt["weight_decay"] == 1e-6
     det = config["detection"]
     assert (det["lr"], det["momentum"], det["weight_decay"], det["warmup_iters"]) == (0.005, 0.9, 1e-4, 500)
     assert (det["epochs"], det["batch_size"], det["frozen_stages"], det["norm_eval"]) == (50, 32, 1, True)
@@ -49,7 +49,7 @@ def test_defaults_are_filled_in_nested_sections():
 @pytest.mark.parametrize(
     "bad, key",
     [
-        ({"pretrain": {"lr_weights": -1}}, "pretrain.lr_weights"),
+        ({"pretrain": {"barlowtwins": {"lr_weights": -1}}}, "pretrain.barlowtwins.lr_weights"),
         ({"vindr": {"layout": "dropbox"}}, "vindr.layout"),
         ({"detection": {"resolutions": [0]}}, "detection.resolutions.0"),
         ({"vindr": {"fusion": {"iou_thr": 2}}}, "vindr.fusion.iou_thr"),
@@ -71,10 +71,10 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_flags_round_trip_through_the_schema():
-    values = dict(section_defaults("pretrain"), projector=[16, 8], amp=False, lambd=0.01)
+    values = dict(section_defaults("pretrain.barlowtwins"), projector=[16, 8], lambd=0.01)
     parser = argparse.ArgumentParser()
-    add_section_args(parser, "pretrain")
-    parsed = section_args(parser.parse_args(section_to_cli("pretrain", values)), "pretrain")
+    add_section_args(parser, "pretrain.barlowtwins")
+    parsed = section_args(parser.parse_args(section_to_cli("pretrain.barlowtwins", values)), "pretrain.barlowtwins")
     assert parsed == values
 
 
@@ -108,7 +108,7 @@ def test_every_setting_is_documented_and_well_formed():
     from cxrssl.config import load_schema
 
     known = {"type", "default", "description", "enum", "minimum", "maximum", "exclusiveMinimum",
-             "exclusiveMaximum", "items", "minItems", "properties", "additionalProperties", "pattern",
+             "exclusiveMaximum", "items", "minItems", "maxItems", "properties", "additionalProperties", "pattern",
              "minLength", "uniqueItems"}
 
     def walk(node, path):
@@ -155,7 +155,9 @@ def test_hostile_values_are_reported_with_their_key(bad, key):
         ({"pretrain": {"image_size": 300}}, ["pretrain.image_size", "nih.cache_size"]),
         ({"linear_eval": {"image_size": 300}}, ["linear_eval.image_size", "nih.cache_size"]),
         ({"detection": {"resolutions": [224, 2048]}}, ["detection.resolutions", "vindr.convert.size"]),
-        ({"pretrain": {"arch": "resnet18"}}, ["pretrain.arch", "detection.arch"]),
+        ({"pretrain": {"barlowtwins": {"arch": "resnet18"}}}, ["pretrain.barlowtwins.arch", "detection.arch"]),
+        ({"pretrain": {"vicreg": {"arch": "resnet18"}}, "detection": {"inits": ["random", "vicreg"]}},
+         ["pretrain.vicreg.arch", "detection.arch"]),
         ({"privacy": {"pseudonymize_ids": True, "private_dir": "results/private"}}, ["privacy.private_dir", "results_dir"]),
     ],
 )
@@ -167,8 +169,9 @@ def test_settings_that_must_agree_are_cross_checked(bad, keys):
 
 
 def test_cross_checks_pass_when_the_settings_agree():
-    validate_config({"pretrain": {"arch": "resnet18"}, "detection": {"arch": "resnet18"}})
-    validate_config({"pretrain": {"arch": "resnet18"}, "detection": {"inits": ["random", "imagenet"]}})
+    validate_config({"pretrain": {"barlowtwins": {"arch": "resnet18"}}, "detection": {"arch": "resnet18"}})
+    validate_config({"pretrain": {"barlowtwins": {"arch": "resnet18"}}, "detection": {"inits": ["random", "imagenet"]}})
+    validate_config({"pretrain": {"gmml": {"arch": "vit_tiny_patch8"}}})  # not a detection init
     validate_config({"privacy": {"pseudonymize_ids": True, "private_dir": "private"}})
 
 

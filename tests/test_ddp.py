@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cxrssl.ssl.barlow import BarlowTwins
+from cxrssl.ssl.methods.barlowtwins import BarlowTwins
 from cxrssl.runtime import AllReduceBatchNorm, sync_batchnorm
 from cxrssl.ssl.lars import LARS, lars_param_groups
 
@@ -128,9 +128,8 @@ def test_cpu_sync_batchnorm_keeps_torchvision_state_dict():
 
 
 def test_torchrun_pretraining_matches_single_process(tmp_path):
-    from test_pretrain import make_nih, tiny_settings
+    from test_pretrain import cli_args, make_nih, tiny_settings
 
-    from cxrssl.config import section_to_cli
     from cxrssl.ssl.train import pretrain
 
     index, cache = make_nih(tmp_path / "data", n=20, size=20)
@@ -138,7 +137,7 @@ def test_torchrun_pretraining_matches_single_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            str(REPO / "scripts" / "pretrain.py"), "--index", str(index), "--cache", str(cache),
            "--out-dir", str(tmp_path / "ddp"), "--seed", "3", "--device", "cpu", "--threads", "2",
-           "--log-file", str(tmp_path / "ddp.log"), *section_to_cli("pretrain", s)]
+           "--log-file", str(tmp_path / "ddp.log"), *cli_args(s, "barlowtwins")]
     env = dict(os.environ, CXRSSL_PROGRESS="0", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -150,7 +149,7 @@ def test_torchrun_pretraining_matches_single_process(tmp_path):
     b = torch.load(single, weights_only=True)
     assert a.keys() == b.keys()
     torch.manual_seed(3)  # pretrain() seeds, then builds the backbone: this is its initial state
-    init = torchvision.models.resnet18().state_dict()
+    init = torchvision.models.resnet18(zero_init_residual=True).state_dict()
     for k in a:
         if not b[k].is_floating_point():
             assert torch.equal(a[k], b[k]), k

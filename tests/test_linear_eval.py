@@ -297,3 +297,89 @@ def test_scripts_end_to_end_learn_the_signal_and_summarise(learnable, tmp_path):
     assert table.loc[1, "test_mean_auc"] == pytest.approx(metrics["test_mean_auc"])
     assert table.loc[1, "Hernia"] == pytest.approx(metrics["test_auc"]["Hernia"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- loader workers under spawn (issue 10.8) --------------------------------------------------------
+def test_dataset_does_not_pickle_the_cache_into_spawned_workers(tmp_path):
+    """Under spawn/forkserver each worker gets the dataset pickled: the memory map must not travel."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from cxrssl.linear_eval.data import CacheImages, image_transform
+
+    big = np.lib.format.open_memmap(tmp_path / "cache.npy", mode="w+", dtype=np.uint8, shape=(512, 128, 128))
+    big[:] = 7
+    big.flush()
+    cache = open_cache(tmp_path / "cache.npy")
+    labels = np.zeros((512, len(NIH_FINDINGS)), np.float32)
+    for source in (tmp_path / "cache.npy", cache):  # a path, or the map itself (its file is remembered)
+        dataset = CacheImages(source, np.arange(512), labels, image_transform(16, augment=False))
+        assert len(pickle.dumps(dataset)) < 100_000  # the cache is 8 MB, labels and rows 30 kB
+    loader = DataLoader(dataset, batch_size=256, num_workers=1, multiprocessing_context="spawn")
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0][0].shape == (256, 3, 16, 16)
+    torch.testing.assert_close(batches[1][0][0, 0, 0, 0], torch.tensor((7 / 255 - 0.485) / 0.229))
+
+
+# --- ViT backbones ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit_checkpoint(tmp_path_factory) -> Path:
+    """A 'pretrained' tiny ViT at 16 px with its sidecar (what GMML pretraining writes)."""
+    from cxrssl.models.backbones import build_backbone, export_state_dict, get_spec, write_sidecar
+
+    torch.manual_seed(11)
+    path = tmp_path_factory.mktemp("vit") / "backbone.pth"
+    torch.save(export_state_dict(build_backbone("vit_tiny_patch8", "random", image_size=16)), path)
+    write_sidecar(path, get_spec("vit_tiny_patch8"), method="gmml", image_size=16, fingerprint="0" * 64)
+    return path
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_linear_probe_on_a_vit_uses_its_pooled_tokens(learnable, vit_checkpoint, tmp_path, pool):
+    from cxrssl.linear_eval.train import extract_features
+    from cxrssl.models.backbones import PooledFeatures
+
+    index_path, cache_path = learnable
+    metrics = run_linear_eval(index_path=index_path, cache_path=cache_path, init=str(vit_checkpoint), fraction=1.0,
+                              arch="resnet18", out_dir=tmp_path, seed=0,
+                              settings=fast_settings(image_size=24, epochs=2, vit_pool=pool))
+    assert metrics["arch"] == "vit_tiny_patch8"  # from the sidecar, not the resnet18 default
+    assert 0 <= metrics["test_mean_auc"] <= 1
+    # the features are the mean of the patch tokens (or the CLS token) after the final norm
+    from cxrssl.models.backbones import build_backbone
+
+    encoder = build_backbone("vit_tiny_patch8", str(vit_checkpoint), image_size=24).eval()
+    x = torch.randn(3, 3, 24, 24)
+    tokens = encoder.forward_features(x)
+    expected = tokens[:, 1:].mean(1) if pool == "mean" else tokens[:, 0]
+    torch.testing.assert_close(PooledFeatures(encoder, pool)(x), expected)
+    loader = [(x, None)]
+    torch.testing.assert_close(extract_features(PooledFeatures(encoder, pool), loader, torch.device("cpu")), expected)
+
+
+def test_vit_finetune_with_layer_decay(learnable, vit_checkpoint, tmp_path):
+    from cxrssl.linear_eval.train import Classifier, param_groups
+    from cxrssl.models.backbones import build_backbone, feature_extractor
+
+    index_path, cache_path = learnable
+    s = fast_settings(mode="finetune", optimizer="adamw", layer_decay=0.5, lr=1e-3, weight_decay=0.05, epochs=2,
+                      image_size=16)
+    metrics = run_linear_eval(index_path=index_path, cache_path=cache_path, init=str(vit_checkpoint), fraction=1.0,
+                              out_dir=tmp_path, seed=0, settings=s)
+    assert metrics["mode"] == "finetune" and metrics["arch"] == "vit_tiny_patch8"
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["lr"].iloc[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 2)), rel=1e-6)
+    # the groups: deeper blocks learn faster, the head at the full rate, no decay on 1-D and pos_embed
+    model = Classifier(feature_extractor(build_backbone("vit_tiny_patch8", "random", image_size=16)), 192, 14, False)
+    groups = param_groups(model, model, s)
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    enc = model.backbone.encoder
+    assert rate[id(enc.blocks[0].mlp.fc1.weight)][0] < rate[id(enc.blocks[2].mlp.fc1.weight)][0] < 1e-3
+    assert rate[id(model.head.weight)] == (1e-3, 0.05) and rate[id(model.head.bias)] == (1e-3, 0.0)
+    assert rate[id(enc.pos_embed)][1] == 0.0 and rate[id(enc.norm.weight)][1] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    plain = param_groups(model, model, dict(s, layer_decay=1.0))
+    assert {g["lr"] for g in plain} == {1e-3} and {g["weight_decay"] for g in plain} == {0.0, 0.05}
+    sgd = param_groups(model, model, dict(s, layer_decay=1.0, optimizer="sgd"))
+    assert len(sgd) == 1  # the paper's protocol: one group

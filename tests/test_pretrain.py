@@ -1,4 +1,5 @@
-"""Barlow Twins pretraining: loss, LARS, schedule, augmentations, data, resume and export."""
+"""Pretraining: Barlow Twins loss, LARS, schedule, augmentations, data, the method registry, VICReg,
+resume and export (GMML has its own file, test_gmml.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cxrssl.config import section_defaults
+from cxrssl.config import section_defaults, section_schema, section_to_cli
 from cxrssl.errors import BadInputError
 from torchvision.transforms import v2
 
 from cxrssl.ssl.augment import SeparableGaussianBlur, TwoViews, normalize_views, original_transforms, sample_seed
-from cxrssl.ssl.barlow import BarlowTwins, barlow_twins_loss, build_projector, cross_correlation, off_diagonal
+from cxrssl.ssl.methods.barlowtwins import (BarlowTwins, BarlowTwinsLoss, barlow_twins_loss, build_projector,
+                                           cross_correlation, off_diagonal)
 from cxrssl.ssl.data import NIHPairDataset, PairSampler, pretrain_rows
 from cxrssl.ssl.lars import LARS, lars_param_groups, lr_factor, set_learning_rates
 from cxrssl.ssl.train import METRIC_COLUMNS, pretrain
@@ -48,12 +50,28 @@ def make_nih(folder: Path, n: int = 30, size: int = 24, seed: int = 0) -> tuple[
     return index, cache
 
 
-def tiny_settings(**over) -> dict:
+TINY_BLOCKS = {
+    "barlowtwins": dict(arch="resnet18", init="random", projector=[32, 32], augment="original"),
+    "vicreg": dict(arch="resnet18", init="random", hidden_dim=32, output_dim=32, augment="original"),
+    "gmml": dict(arch="vit_tiny_patch8", init="random"),
+}
+
+
+def tiny_settings(method: str = "barlowtwins", **over) -> dict:
+    """The `pretrain` section at test sizes; ``over`` keys of the shared settings go there, the
+    others into the method's block."""
     s = section_defaults("pretrain")
-    s.update(arch="resnet18", init="random", projector=[32, 32], batch_size=8, epochs=2, warmup_epochs=1,
-             image_size=16, workers=0, checkpoint_every=2, augment="original")
-    s.update(over)
+    s.update(batch_size=8, epochs=2, warmup_epochs=1, image_size=16, workers=0, checkpoint_every=2)
+    s[method].update(TINY_BLOCKS[method])
+    for key, value in over.items():
+        (s if key in s else s[method])[key] = value
     return s
+
+
+def cli_args(s: dict, method: str) -> list[str]:
+    """The script flags of a `pretrain` section for ``method`` (as the rule renders them)."""
+    return ["--method", method, *section_to_cli("pretrain", s, exclude=("methods",)),
+            *section_to_cli(f"pretrain.{method}", s[method])]
 
 
 # --- loss ----------------------------------------------------------------------------------------
@@ -320,7 +338,7 @@ def test_resume_after_stop_equals_uninterrupted_run(tmp_path):
     assert m_full["epoch"].tolist() == [0, 0, 0, 1, 1, 1] and np.isfinite(m_full["loss"]).all()
     assert (full.parent / "loss.png").stat().st_size > 1000
 
-    # the export is a torchvision ResNet state dict without fc, and training changed it
+    # the export is a torchvision ResNet state dict without fc (its sidecar says so), and training changed it
     assert not any(k.startswith("fc.") for k in a)
     net = torchvision.models.resnet18()
     result = net.load_state_dict(a, strict=False)
@@ -340,3 +358,109 @@ def test_script_help():
     for flag in ("--index", "--cache", "--out-dir", "--seed", "--imagenet-weights", "--log", "--device",
                  "--batch-size", "--checkpoint-every", "--augment", "--stop-after-steps"):
         assert flag in out
+
+
+# --- the method registry ---------------------------------------------------------------------------
+
+def test_registry_matches_the_schema_blocks():
+    """A method is its module plus its schema block: both sides list the same names."""
+    from cxrssl.models.backbones import BACKBONES
+    from cxrssl.ssl.registry import methods
+
+    found = methods()
+    props = section_schema("pretrain")["properties"]
+    blocks = {k for k, v in props.items() if v.get("type") == "object"}
+    assert set(found) == blocks == {"barlowtwins", "vicreg", "gmml"}
+    common = {k for k, v in props.items() if v.get("type") != "object"}
+    for name, cls in found.items():
+        block = props[name]["properties"]
+        assert {"arch", "init"} <= set(block), name
+        assert not common & set(block), f"{name} reuses shared flag names {common & set(block)}"
+        assert set(block["arch"]["enum"]) <= set(BACKBONES)
+        assert all(BACKBONES[a].family in cls.families for a in block["arch"]["enum"]), name
+        assert cls.lr_columns and cls.name == name
+
+
+def test_random_resnet_for_pretraining_zero_inits_the_residuals():
+    """The authors' random-init arm used zero_init_residual=True (issue 10.3)."""
+    from cxrssl.ssl.train import build_encoder
+
+    s = tiny_settings()
+    encoder = build_encoder(s["barlowtwins"], s["image_size"], None)
+    assert all(block.bn2.weight.abs().sum() == 0 for layer in (encoder.layer1, encoder.layer4) for block in layer)
+    assert encoder.bn1.weight.abs().sum() > 0
+
+
+def test_method_setting_reaches_the_script():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), "--method", "gmml", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--mask-ratio", "--replace-prob", "--loss-on", "--clip-grad", "--batch-size", "--arch"):
+        assert flag in out
+    assert "--lambd" not in out and "--methods" not in out
+
+
+# --- VICReg (lightly's loss and head) ----------------------------------------------------------------
+
+def naive_vicreg(za: np.ndarray, zb: np.ndarray, lam=25.0, mu=25.0, nu=1.0, eps=1e-4) -> float:
+    """VICReg's loss (Bardes et al. 2022, eqs. 1-6), written out in float64."""
+    n, d = za.shape
+    inv = ((za - zb) ** 2).mean()
+
+    def var(z):
+        return np.mean(np.maximum(0.0, 1.0 - np.sqrt(z.var(0, ddof=1) + eps)))
+
+    def cov(z):
+        c = (z - z.mean(0)).T @ (z - z.mean(0)) / (n - 1)
+        return (c ** 2).sum() / d - (np.diag(c) ** 2).sum() / d
+
+    return lam * inv + mu * 0.5 * (var(za) + var(zb)) + nu * (cov(za) + cov(zb))
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 9), d=st.integers(2, 7), seed=st.integers(0, 2**16),
+       weights=st.tuples(st.floats(0, 30), st.floats(0, 30), st.floats(0, 3)))
+def test_vicreg_loss_equals_its_definition(n, d, seed, weights):
+    from lightly.loss import VICRegLoss
+
+    g = torch.Generator().manual_seed(seed)
+    za, zb = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    loss = VICRegLoss(*weights)(za, zb)
+    assert loss.item() == pytest.approx(naive_vicreg(za.numpy(), zb.numpy(), *weights), rel=1e-9, abs=1e-9)
+
+
+def test_vicreg_model_is_the_loss_of_its_projections():
+    from cxrssl.ssl.methods.vicreg import VICReg
+
+    torch.manual_seed(0)
+    backbone = torchvision.models.resnet18()
+    backbone.fc = nn.Identity()
+    model = VICReg(backbone, 512, 16, 8, 3, 25.0, 25.0, 1.0).eval()
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    za, zb = (model.projector(backbone(x)).double().detach().numpy() for x in (x1, x2))
+    assert model(x1, x2).item() == pytest.approx(naive_vicreg(za, zb), rel=1e-4)
+    kinds = [type(m).__name__ for m in model.projector.layers]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+
+
+@pytest.mark.parametrize("method", ["vicreg", "gmml"])
+def test_resume_after_stop_is_bit_identical_for_every_method(method, tmp_path):
+    """Killed after 5 of 6 steps (checkpoint at 4), resumed: the same weights and losses, bit for bit."""
+    from cxrssl.models.backbones import read_sidecar
+    from cxrssl.ssl.train import metric_columns
+    from cxrssl.ssl.registry import get_method
+
+    index, cache = make_nih(tmp_path / "data")
+    s = tiny_settings(method)
+    full = pretrain(index, cache, tmp_path / "full", s, method=method, seed=2, device="cpu")
+    assert pretrain(index, cache, tmp_path / "cut", s, method=method, seed=2, device="cpu", stop_after_steps=5) is None
+    assert torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)["step"] == 4
+    resumed = pretrain(index, cache, tmp_path / "cut", s, method=method, seed=2, device="cpu")
+    a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m_full, m_cut = (pd.read_csv(p.parent / "metrics.csv") for p in (full, resumed))
+    assert list(m_full.columns) == metric_columns(get_method(method))
+    np.testing.assert_array_equal(m_full["loss"], m_cut["loss"])
+    assert np.isfinite(m_full["loss"]).all() and m_full["loss"].nunique() > 1
+    meta = read_sidecar(full)
+    assert meta["method"] == method and meta["arch"] == s[method]["arch"] and meta["image_size"] == 16
+    assert meta == read_sidecar(resumed)

@@ -35,7 +35,7 @@ NO_NETWORK = re.compile(r"Temporary failure resolving|Could not resolve|Failed t
 # What runs through SLURM: all of data preparation and the pretraining arm (gpu: 1 in the profile).
 TARGETS = ["results/prepare/vindr/split.csv", *(f"results/prepare/vindr/coco_{s}.json" for s in ("train", "val", "test")),
            "results/pretrain/barlowtwins/backbone.pth"]
-GPU_RULE, CPU_RULE = "pretrain_barlowtwins", "split_vindr"
+GPU_RULE, CPU_RULE = "pretrain", "split_vindr"
 
 
 def _free_port_pair() -> int:
@@ -99,7 +99,7 @@ def slurm_test_profile(folder: Path, node_cpus: int) -> Path:
         if "mem_mb" in res:
             res["mem_mb"] = min(res["mem_mb"], 1500)
     gpu_rules = {rule for rule, res in profile["set-resources"].items() if res.get("gpu")}
-    assert {"pretrain_barlowtwins", "linear_eval", "train_detector_torchvision", "train_detector_mmdet",
+    assert {"pretrain", "linear_eval", "train_detector_torchvision", "train_detector_mmdet",
             "heatmaps"} <= gpu_rules
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
@@ -131,7 +131,7 @@ def test_profiles_name_only_rules_of_the_workflow(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rules = set(proc.stdout.split())
-    assert {"pretrain_barlowtwins", "collect_metrics", "stage_detection"} <= rules
+    assert {"pretrain", "collect_metrics", "stage_detection"} <= rules
     profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
     named = set(profile["set-resources"]) | set(profile["set-threads"])
     assert named <= rules, f"profiles/slurm names unknown rules: {sorted(named - rules)}"

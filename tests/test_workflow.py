@@ -42,9 +42,12 @@ def test_whole_dag_produces_every_stage(demo_run):
     assert len(meta) == 36 + 12
     split = pd.read_csv(results / "prepare/vindr/split.csv")
     assert set(split["split"]) == {"train", "val", "test"}
-    assert (results / "pretrain/barlowtwins/backbone.pth").is_file()
+    for method in ("barlowtwins", "vicreg", "gmml"):  # every method, each with its sidecar
+        assert (results / f"pretrain/{method}/backbone.pth").is_file()
+        assert json.loads((results / f"pretrain/{method}/backbone.json").read_text())["method"] == method
     summary = pd.read_csv(results / "linear_eval/summary.csv")
-    assert len(summary) == 2 * 2
+    assert len(summary) == 3 * 2
+    assert set(summary.loc[summary["init"] == "gmml", "arch"]) == {"vit_tiny_patch8"}
     det = pd.read_csv(results / "evaluation/summary.csv")
     assert len(det) == 2
     metrics = json.loads(next((results / "evaluation/torchvision").glob("*/metrics.json")).read_text())
@@ -61,8 +64,15 @@ def test_changing_a_detection_setting_reruns_only_detection_and_after(demo_run, 
     assert jobs.get("train_detector_torchvision") == 2
     assert {"evaluate", "summarize_detection"} <= set(jobs)
     untouched = {"make_demo_data", "convert_dicom", "index_nih", "parse_annotations", "split_vindr",
-                 "fuse_boxes", "pretrain_barlowtwins", "linear_eval", "summarize_linear_eval"}
+                 "fuse_boxes", "pretrain", "linear_eval", "summarize_linear_eval"}
     assert not untouched & set(jobs), jobs
+
+
+def test_changing_one_methods_block_reruns_only_that_method(demo_run, tiny_config, tmp_path):
+    pre = dict(tiny_config["pretrain"], gmml=dict(tiny_config["pretrain"]["gmml"], lr=0.001))
+    jobs = scheduled(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", dict(tiny_config, pretrain=pre))))
+    assert jobs.get("pretrain") == 1 and jobs.get("linear_eval") == 2  # gmml, and its arm at both fractions
+    assert "train_detector_torchvision" not in jobs  # detection compares random and barlowtwins only
 
 
 def test_changing_the_wbf_threshold_reruns_fusion_and_downstream_only(demo_run, tiny_config, tmp_path):
@@ -72,7 +82,7 @@ def test_changing_the_wbf_threshold_reruns_fusion_and_downstream_only(demo_run, 
     assert jobs.get("fuse_boxes") == 1
     assert jobs.get("train_detector_torchvision") == 2
     untouched = {"make_demo_data", "convert_dicom", "index_nih", "parse_annotations", "split_vindr",
-                 "pretrain_barlowtwins", "linear_eval"}
+                 "pretrain", "linear_eval"}
     assert not untouched & set(jobs), jobs
 
 
@@ -83,7 +93,7 @@ def test_adding_one_dicom_converts_only_that_file(demo_copy):
     shutil.copy2(source, train / f"{new_id}.dicom")
     jobs = scheduled(snakemake(demo_copy, "-n"))
     assert jobs.get("convert_dicom") == 1
-    assert "make_demo_data" not in jobs and "pretrain_barlowtwins" not in jobs
+    assert "make_demo_data" not in jobs and "pretrain" not in jobs
     snakemake(demo_copy, "results/prepare/vindr/metadata.csv")
     meta = pd.read_csv(demo_copy / "results/prepare/vindr/metadata.csv")
     assert new_id in set(meta["image_id"]) and len(meta) == 36 + 12 + 1
@@ -94,7 +104,7 @@ def test_adding_one_dicom_converts_only_that_file(demo_copy):
 def test_deleting_a_checkpoint_reruns_only_what_needs_it(demo_copy):
     (demo_copy / "results/pretrain/barlowtwins/backbone.pth").unlink()
     jobs = scheduled(snakemake(demo_copy, "-n"))
-    assert jobs.get("pretrain_barlowtwins") == 1
+    assert jobs.get("pretrain") == 1
     assert jobs.get("linear_eval") == 2  # the barlowtwins arm at both fractions, not random's
     assert jobs.get("train_detector_torchvision") == 1  # barlowtwins arm only
     assert not {"convert_dicom", "fuse_boxes", "split_vindr", "index_nih"} & set(jobs), jobs

@@ -73,12 +73,15 @@ def _non_finite(node: Any, key: str = "") -> Iterator[str]:
 
 # --- cross-checks: settings in different sections that must agree -----------------------------
 
-def pretrained_arch(config: dict) -> tuple[str, str]:
-    """``(key, arch)`` of the self-supervised backbone that ``barlowtwins`` inits load.
+def pretraining_methods() -> list[str]:
+    """Names of the registered pretraining methods: the ``pretrain.<method>`` blocks of the schema."""
+    props = load_schema()["properties"]["pretrain"]["properties"]
+    return [name for name, prop in props.items() if prop.get("type") == "object"]
 
-    The one place that knows where the pretraining arch lives (adapt here when pretraining gets
-    per-method blocks)."""
-    return "pretrain.arch", config["pretrain"]["arch"]
+
+def pretrained_arch(config: dict, method: str) -> tuple[str, str]:
+    """``(key, arch)`` of the backbone that pretraining ``method`` trains (what its init loads)."""
+    return f"pretrain.{method}.arch", config["pretrain"][method]["arch"]
 
 
 def _crops_fit_the_cache(config: dict) -> list[str]:
@@ -96,11 +99,17 @@ def _resolutions_fit_the_conversion(config: dict) -> list[str]:
 
 
 def _pretrained_arch_matches_detection(config: dict) -> list[str]:
-    key, arch = pretrained_arch(config)
-    if "barlowtwins" in config["detection"]["inits"] and arch != config["detection"]["arch"]:
-        return [f"{key} ({arch}) differs from detection.arch ({config['detection']['arch']}), but detection.inits "
-                "uses the barlowtwins backbone: set both to the same architecture"]
-    return []
+    detection_arch = config["detection"]["arch"]
+    messages = []
+    for method in pretraining_methods():
+        if method not in config["detection"]["inits"]:
+            continue
+        key, arch = pretrained_arch(config, method)
+        if arch != detection_arch:
+            messages.append(f"{key} ({arch}) differs from detection.arch ({detection_arch}), but detection.inits uses "
+                            f"the {method} backbone: set both to the same architecture or drop {method} from "
+                            "detection.inits")
+    return messages
 
 
 def _private_dir_outside_results(config: dict) -> list[str]:

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED = ("init", "fraction", "n_train_patients", "n_train_images", "selected_epoch",
             "val_mean_auc", "test_mean_auc", "test_auc")
-COLUMNS = ["init", "fraction", "n_train_patients", "n_train_images", "selected_epoch",
+COLUMNS = ["init", "arch", "fraction", "n_train_patients", "n_train_images", "selected_epoch",
            "val_mean_auc", "test_mean_auc", *NIH_FINDINGS]
 
 
@@ -37,6 +37,7 @@ def collect_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
         if missing:
             raise BadInputError(str(path), f"missing keys {missing}")
         row = {k: data[k] for k in REQUIRED if k != "test_auc"}
+        row["arch"] = data.get("arch")
         row.update({name: data["test_auc"].get(name) for name in NIH_FINDINGS})
         rows.append(row)
     if not rows:

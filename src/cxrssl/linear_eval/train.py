@@ -2,6 +2,14 @@
 
 Test images are scored exactly once, with the weights of the epoch that had the best validation
 mean AUC; nothing about the test split reaches the training loop or the selection.
+
+Backbones come from the registry (:mod:`cxrssl.models.backbones`): a pretrained checkpoint's
+``backbone.json`` says which arch to build, others use ``arch``. A ViT's features are the mean of
+its patch tokens (``vit_pool: mean``, the default: GMML trains the patch tokens only, its CLS
+output never meets the loss) or its CLS token. Fine-tuning (``mode: finetune``) trains everything:
+with SGD as the paper's protocol, or AdamW (no weight decay on biases, norms, position embedding
+and CLS token) with, for ViTs, timm's layer-wise learning-rate decay (``layer_decay`` < 1, the
+BEiT/MAE recipe). Threads, checkpoint loading and the run fingerprint are :mod:`cxrssl.runtime`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from cxrssl.io import atomic_write_csv, atomic_write_json
 from cxrssl.linear_eval.data import CacheImages, image_transform, load_nih_index, open_cache
 from cxrssl.linear_eval.metrics import defined_findings, mean_auc, per_finding_auc
 from cxrssl.linear_eval.splits import assign_splits, label_subset
-from cxrssl.models.backbone import build_resnet
+from cxrssl.models.backbones import (PooledFeatures, build_backbone, checkpoint_arch, feature_extractor, get_spec)
+from cxrssl.runtime import configure_threads, fingerprint
 from cxrssl.utils import pick_device, progress_disabled, seed_everything
 
 log = logging.getLogger(__name__)
@@ -31,7 +40,8 @@ log = logging.getLogger(__name__)
 MODES = ("linear", "finetune")
 #: Settings read from the ``linear_eval`` config section (inits and fractions pick the runs).
 SETTINGS = ("mode", "epochs", "batch_size", "lr", "momentum", "weight_decay", "val_fraction",
-            "image_size", "workers", "augment")
+            "image_size", "workers", "augment", "vit_pool", "optimizer", "layer_decay")
+OPTIMIZERS = ("sgd", "adamw")
 #: Called after every epoch with ``(epoch, predict)``; ``predict(split)`` returns
 #: ``(labels, scores)`` of the current weights. For monitoring only: it cannot affect selection.
 EpochCallback = Callable[[int, Callable[[str], tuple[np.ndarray, np.ndarray]]], None]
@@ -87,20 +97,66 @@ def _loader(dataset, batch_size: int, workers: int, shuffle: bool = False, gener
                       pin_memory=device is not None and device.type == "cuda")
 
 
+def _no_decay(name: str, p: torch.Tensor, skip: set[str]) -> bool:
+    return p.ndim <= 1 or name.split(".")[-1] in skip
+
+
+def param_groups(model: Classifier, net: nn.Module, settings: dict) -> list[dict]:
+    """Parameter groups of the trainable ``net`` (the head, or the whole ``model`` when fine-tuning).
+
+    SGD without layer decay: one group (the paper's protocol). AdamW: weights decayed, 1-D
+    parameters and a ViT's position embedding / CLS token not. A fine-tuned ViT with
+    ``layer_decay`` < 1: timm's ``param_groups_layer_decay`` for the encoder plus the head at the
+    full rate. Each group's ``lr`` is the base rate times its scale.
+    """
+    lr, wd = settings["lr"], settings["weight_decay"]
+    encoder = model.backbone.encoder if isinstance(model.backbone, PooledFeatures) else None
+    skip = set(encoder.no_weight_decay()) if encoder is not None else set()
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    if net is model and encoder is not None and settings["layer_decay"] < 1:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(encoder, wd, no_weight_decay_list=sorted(skip),
+                                          layer_decay=settings["layer_decay"])
+        head = [(n, p) for n, p in model.head.named_parameters()]
+        groups += [dict(params=[p for n, p in head if p.ndim > 1], weight_decay=wd),
+                   dict(params=[p for n, p in head if p.ndim <= 1], weight_decay=0.0)]
+    elif settings["optimizer"] == "adamw":
+        groups = [dict(params=[p for n, p in named if not _no_decay(n, p, skip)], weight_decay=wd),
+                  dict(params=[p for n, p in named if _no_decay(n, p, skip)], weight_decay=0.0)]
+    else:
+        groups = [dict(params=[p for _, p in named], weight_decay=wd)]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
+    return groups
+
+
+def make_optimizer(model: Classifier, net: nn.Module, settings: dict) -> torch.optim.Optimizer:
+    if settings["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {settings['optimizer']!r}")
+    groups = param_groups(model, net, settings)
+    if settings["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=settings["lr"])
+    return torch.optim.SGD(groups, lr=settings["lr"], momentum=settings["momentum"])
+
+
 def _json_number(value: float) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 6)
 
 
 def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str, fraction: float,
-                    arch: str, out_dir: str | Path, seed: int, settings: dict,
+                    out_dir: str | Path, seed: int, settings: dict, arch: str | None = None,
                     imagenet_weights: str | Path | None = None, init_name: str | None = None,
-                    device: str | torch.device | None = None,
+                    device: str | torch.device | None = None, threads: int | None = None,
                     epoch_callback: EpochCallback | None = None) -> dict:
     """One run: writes ``split.csv``, ``history.csv`` and ``metrics.json`` into ``out_dir``.
 
-    ``init`` is what :func:`cxrssl.models.backbone.build_resnet` takes (random, imagenet or a
+    ``init`` is what :func:`cxrssl.models.backbones.build_backbone` takes (random, imagenet or a
     checkpoint path); ``init_name`` is the name recorded in the metrics (defaults to ``init``).
-    ``settings`` holds the ``linear_eval`` section's keys listed in :data:`SETTINGS`.
+    ``arch`` (default ``settings["arch"]``) is built unless the checkpoint's sidecar names its
+    own. ``settings`` holds the ``linear_eval`` section's keys listed in :data:`SETTINGS`.
+    ``threads``: torch CPU threads (:func:`cxrssl.runtime.configure_threads`).
     """
     missing = [k for k in SETTINGS if k not in settings]
     if missing:
@@ -109,7 +165,9 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out_dir = Path(out_dir)
+    configure_threads(threads)
     device = torch.device(device) if device is not None else pick_device()
+    arch = checkpoint_arch(init, arch or settings["arch"])
     seed_everything(seed)
     names = list(NIH_FINDINGS)
 
@@ -143,14 +201,13 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
         )
 
     # --- model ------------------------------------------------------------------------------------
-    backbone = build_resnet(arch, init, imagenet_weights)
-    feature_dim = backbone.fc.in_features
-    backbone.fc = nn.Identity()
-    model = Classifier(backbone, feature_dim, len(names), frozen=mode == "linear").to(device)
+    encoder = build_backbone(arch, init, imagenet_weights, image_size=settings["image_size"])
+    backbone = feature_extractor(encoder, settings["vit_pool"])
+    model = Classifier(backbone, get_spec(arch).feature_dim, len(names), frozen=mode == "linear").to(device)
     generator = torch.Generator().manual_seed(seed)
     batch_size, workers = settings["batch_size"], settings["workers"]
     eval_tf = image_transform(settings["image_size"], augment=False)
-    datasets = {s: CacheImages(cache, parts[s]["cache_row"].to_numpy(), labels[s], eval_tf) for s in parts}
+    datasets = {s: CacheImages(cache_path, parts[s]["cache_row"].to_numpy(), labels[s], eval_tf) for s in parts}
     precompute = mode == "linear" and not settings["augment"]
 
     if precompute:
@@ -174,7 +231,7 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
             scores = torch.cat([net(x) for x in features[split].split(batch_size)])
             return labels[split], scores.cpu().numpy()
     else:
-        train_set = CacheImages(cache, parts["train"]["cache_row"].to_numpy(), labels["train"],
+        train_set = CacheImages(cache_path, parts["train"]["cache_row"].to_numpy(), labels["train"],
                                 image_transform(settings["image_size"], augment=settings["augment"]))
         # A last batch of one image breaks BatchNorm in training mode (fine-tuning): drop it.
         drop_last = mode == "finetune" and len(train_set) % batch_size == 1 and len(train_set) > 1
@@ -194,9 +251,7 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
             scores = torch.cat([net(x.to(device, non_blocking=True)) for x, _ in eval_loaders[split]])
             return labels[split], scores.cpu().numpy()
 
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
-                                weight_decay=settings["weight_decay"])
+    optimizer = make_optimizer(model, net, settings)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings["epochs"] * n_steps)
     criterion = nn.BCEWithLogitsLoss()
 
@@ -223,7 +278,8 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
         val_loss = float(criterion(torch.from_numpy(val_scores), torch.from_numpy(val_true)))
         val_mean = mean_auc(per_finding_auc(val_true, val_scores, names, "val", warn=False))
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_mean_auc": val_mean, "lr": optimizer.param_groups[0]["lr"]})
+                        "val_mean_auc": val_mean,
+                        "lr": max(g["lr"] for g in optimizer.param_groups)})
         log.info("epoch %d: train loss %.4f, val loss %.4f, val mean AUC %.4f",
                  epoch, train_loss, val_loss, val_mean)
         if select_epoch(h["val_mean_auc"] for h in history) == epoch:
@@ -245,6 +301,10 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
         "fraction": fraction,
         "arch": arch,
         "mode": mode,
+        "fingerprint": fingerprint({"settings": {k: settings[k] for k in SETTINGS if k != "workers"}, "arch": arch,
+                                    "fraction": fraction, "seed": seed},
+                                   {"init": init, "imagenet_weights": imagenet_weights if init == "imagenet" else None,
+                                    "index": index_path}),
         "seed": seed,
         "n_train_patients": int(parts["train"]["patient_id"].nunique()),
         "n_train_images": len(parts["train"]),

@@ -1,9 +1,13 @@
-"""ResNet backbones with the pipeline's three kinds of initialisation.
+"""torchvision ResNets with the pipeline's three kinds of initialisation (detection's entry point).
 
 ``init`` is ``"random"``, ``"imagenet"`` or a path to a checkpoint. A checkpoint may be a plain
-torchvision-format state dict (what Barlow Twins pretraining exports), a dict holding one under
+torchvision-format state dict (what ResNet pretraining exports), a dict holding one under
 ``"state_dict"``/``"model"``/``"backbone"``, or an mmdet/mmengine checkpoint; prefixes such as
 ``backbone.``/``module.`` are stripped. Weights are always checked: no missing backbone keys.
+Every file is read through :func:`cxrssl.runtime.load_checkpoint` (``weights_only``; a file that
+holds code is refused with a :class:`~cxrssl.errors.BadInputError` naming it). A checkpoint whose
+``backbone.json`` sidecar names another architecture (e.g. a ViT) is refused with a message saying
+so. The registry of every backbone (ResNets and ViTs) is :mod:`cxrssl.models.backbones`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+from cxrssl.errors import BadInputError
+from cxrssl.runtime import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,28 @@ def extract_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def extract_state_dict_of(checkpoint, path: str | Path) -> dict[str, torch.Tensor]:
+    """:func:`extract_state_dict` with a refusal that names the file."""
+    try:
+        return extract_state_dict(checkpoint)
+    except ValueError as exc:
+        raise BadInputError(str(path), str(exc)) from None
+
+
+def _check_sidecar(path: Path, model: nn.Module) -> None:
+    """Refuse a checkpoint whose ``backbone.json`` says it is not a torchvision ResNet."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return
+    from cxrssl.models.backbones import read_sidecar  # the registry imports this module
+
+    meta = read_sidecar(path)
+    if meta is not None and meta["library"] != "torchvision":
+        raise BadInputError(str(path), f"is a {meta['arch']} ({meta['library']}) backbone from "
+                            f"{meta.get('method') or 'an unknown'} pretraining; this stage needs a torchvision "
+                            f"{type(model).__name__} (ViT backbones are not supported here yet)")
+
+
 def load_backbone_weights(model: nn.Module, path: str | Path, keep_fc: bool = False) -> None:
     """Load a checkpoint into a torchvision ResNet; ``fc`` may be absent, nothing else may.
 
@@ -68,9 +97,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path, keep_fc: bool = Fa
     checkpoints carry no meaningful classifier.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-    state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    _check_sidecar(path, model)
+    state = extract_state_dict_of(load_checkpoint(path, "backbone checkpoint"), path)
     if not keep_fc:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
@@ -107,13 +135,18 @@ def load_imagenet_weights(model: nn.Module, arch: str, local_path: str | Path | 
 
 
 def build_resnet(arch: str, init: str = "random", imagenet_weights: str | Path | None = None,
-                 norm_layer=None) -> nn.Module:
+                 norm_layer=None, zero_init_residual: bool = False) -> nn.Module:
     """A torchvision ResNet initialised from ``random``, ``imagenet`` or a checkpoint path.
 
     ``fc`` is kept (as in torchvision) so exported state dicts load into
     ``torchvision.models.resnetXX`` unchanged; callers that need features replace it by Identity.
+    ``zero_init_residual`` zeroes the last BatchNorm of every residual block (torchvision's
+    option; the random-init arm of the authors' pretraining code used it). It only matters for
+    ``random``: other inits overwrite every weight.
     """
     kwargs = {"norm_layer": norm_layer} if norm_layer is not None else {}
+    if zero_init_residual:
+        kwargs["zero_init_residual"] = True
     model = _constructor(arch)(weights=None, **kwargs)
     if init == "random":
         pass

@@ -148,15 +148,23 @@ class TwoViews:
     def __call__(self, image: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 1:
             raise ValueError(f"expected a uint8 (1, H, W) image, got {image.dtype} {tuple(image.shape)}")
-        # Seed the CPU generator for this sample and restore it after (torch.random.fork_rng and
-        # torch.manual_seed also touch CUDA and cost ~1 ms each, more than the augmentation).
-        gen = torch.default_generator
-        saved = gen.get_state()
-        gen.manual_seed(seed)
-        try:
-            return self.t1(image).contiguous(), self.t2(image).contiguous()
-        finally:
-            gen.set_state(saved)
+        return seeded(seed, lambda: (self.t1(image).contiguous(), self.t2(image).contiguous()))
+
+
+def seeded(seed: int, fn):
+    """``fn()`` with torch's CPU generator seeded by ``seed``, restored afterwards.
+
+    torchvision's random transforms draw from the global CPU generator; seeding it per sample makes
+    a sample's augmentation independent of workers, ranks and resumes. (torch.random.fork_rng and
+    torch.manual_seed also touch CUDA and cost ~1 ms each, more than the augmentation.)
+    """
+    gen = torch.default_generator
+    saved = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        return fn()
+    finally:
+        gen.set_state(saved)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -1,5 +1,9 @@
 """Pretraining data: the NIH uint8 cache (train_val images only) and a resumable sampler.
 
+:class:`NIHImages` gives each sample to the method's per-sample function (two augmented views for
+the joint-embedding methods, a view and its corruption for GMML) together with a seed of its own,
+``sample_seed(seed, epoch, index)``, and access to the other images (GMML's donor patches).
+
 :class:`PairSampler` yields ``(epoch, index)`` pairs, so each DataLoader worker knows the epoch of
 the sample it augments (no shared state to keep in sync) and the views are seeded per
 ``(seed, epoch, index)``. Its order is a seeded permutation per epoch cut into global batches;
@@ -54,33 +58,58 @@ def pretrain_rows(index_path: str | Path, n_cache: int) -> pd.DataFrame:
     return frame[frame["official_split"] == PRETRAIN_SPLIT].reset_index(drop=True)
 
 
-class NIHPairDataset(Dataset):
-    """Two augmented uint8 views of each ``train_val`` image; items are ``(epoch, i)`` pairs."""
+class NIHImages(Dataset):
+    """``sample(self, i, seed)`` of each ``train_val`` image; items are ``(epoch, i)`` pairs.
 
-    def __init__(self, index_path: str | Path, cache_path: str | Path, views: TwoViews, seed: int):
+    ``sample`` is the method's per-sample function (picklable: it travels to loader workers);
+    :meth:`image` reads image ``i`` as uint8 ``(1, S, S)``. The memory map is opened lazily in
+    each process and never pickled.
+    """
+
+    def __init__(self, index_path: str | Path, cache_path: str | Path, sample, seed: int):
         self.cache_path = Path(cache_path)
         cache = open_cache(self.cache_path)
         self.image_size = int(cache.shape[1])
         self.rows = pretrain_rows(index_path, len(cache))["cache_row"].to_numpy()
         if len(self.rows) == 0:
             raise BadInputError(str(index_path), f"no {PRETRAIN_SPLIT} images to pretrain on")
-        self.views, self.seed = views, int(seed)
+        self.sample, self.seed = sample, int(seed)
         self._cache: np.ndarray | None = None  # opened lazily: each worker maps the file itself
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, i = item
+    def image(self, i: int) -> torch.Tensor:
         if self._cache is None:
             self._cache = open_cache(self.cache_path)
-        image = torch.from_numpy(np.array(self._cache[self.rows[i]], copy=True)).unsqueeze(0)
-        return self.views(image, sample_seed(self.seed, epoch, i))
+        return torch.from_numpy(np.array(self._cache[self.rows[i]], copy=True)).unsqueeze(0)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        epoch, i = item
+        return self.sample(self, i, sample_seed(self.seed, epoch, i))
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_cache"] = None  # never pickle a memory map into worker processes
         return state
+
+
+class ViewPair:
+    """Per-sample function of the two-view methods: ``views(image i, seed)``."""
+
+    def __init__(self, views: TwoViews):
+        self.views = views
+
+    def __call__(self, images: NIHImages, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views(images.image(i), seed)
+
+
+class NIHPairDataset(NIHImages):
+    """Two augmented uint8 views of each ``train_val`` image; items are ``(epoch, i)`` pairs."""
+
+    def __init__(self, index_path: str | Path, cache_path: str | Path, views: TwoViews, seed: int):
+        super().__init__(index_path, cache_path, ViewPair(views), seed)
+        self.views = views
 
 
 class PairSampler(Sampler[tuple[int, int]]):

@@ -1,8 +1,11 @@
-"""Barlow Twins model and loss (Zbontar et al. 2021), as the BarlowTwins-CXR code ran it.
+"""Barlow Twins (Zbontar et al. 2021), as the BarlowTwins-CXR code ran it.
 
 The loss normalises each embedding dimension over the *global* batch (``BatchNorm1d(affine=False)``,
 synchronised across ranks in DDP), forms the cross-correlation ``c = z1n.T @ z2n / global_batch``,
-sums it over ranks and returns ``sum_i (c_ii - 1)^2 + lambd * sum_{i != j} c_ij^2``.
+sums it over ranks and returns ``sum_i (c_ii - 1)^2 + lambd * sum_{i != j} c_ij^2``. Projector
+``(Linear no bias, BN, ReLU) x (k-1)`` then ``Linear no bias``; LARS with separate rates for weights
+and for biases/BN (``lr_weights``, ``lr_biases``, times batch/256); weight decay 1e-6 as in the
+authors' code (the paper's text says 1.5e-6). Settings: ``pretrain.barlowtwins``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from cxrssl.runtime import all_reduce_sum
+from cxrssl.ssl.joint import TwoViewMethod, at_least_fp32
+from cxrssl.ssl.registry import register
 
 
 def build_projector(in_dim: int, widths: Sequence[int]) -> nn.Sequential:
@@ -57,35 +62,59 @@ def barlow_twins_loss(c: torch.Tensor, lambd: float) -> torch.Tensor:
     return on_diag + lambd * off_diag
 
 
-def _at_least_fp32(z: torch.Tensor) -> torch.Tensor:
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+class BarlowTwinsLoss(nn.Module):
+    """``forward(z_a, z_b)``: affine-free BN of each embedding, cross-correlation, loss (lightly's style).
+
+    Runs in float32 even under bf16 autocast: the 8192 x 8192 cross-correlation sums hundreds of
+    products, too many for bf16's 8-bit mantissa. ``global_batch`` is the batch summed over all
+    ranks (the divisor of the cross-correlation).
+    """
+
+    def __init__(self, dim: int, lambd: float, global_batch: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False)
+        self.lambd = float(lambd)
+        self.global_batch = int(global_batch)
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=z_a.device.type, enabled=False):
+            z1n, z2n = self.bn(at_least_fp32(z_a)), self.bn(at_least_fp32(z_b))
+            return barlow_twins_loss(cross_correlation(z1n, z2n, self.global_batch), self.lambd)
 
 
 class BarlowTwins(nn.Module):
-    """Backbone (``fc`` = Identity) + projector + affine-free BN; ``forward`` returns the loss.
-
-    ``global_batch`` is the batch summed over all ranks (the divisor of the cross-correlation).
-    The final normalisation and the loss run in float32 even under bf16 autocast: the 8192 x 8192
-    cross-correlation sums hundreds of products, too many for bf16's 8-bit mantissa.
-    """
+    """Backbone (``fc`` = Identity) + projector + :class:`BarlowTwinsLoss`; ``forward`` returns the loss."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, projector: Sequence[int], lambd: float,
                  global_batch: int):
         super().__init__()
-        backbone.fc = nn.Identity()
+        if hasattr(backbone, "fc"):
+            backbone.fc = nn.Identity()
         self.backbone = backbone
         self.projector = build_projector(feature_dim, projector)
-        self.bn = nn.BatchNorm1d(projector[-1], affine=False)
-        self.lambd = float(lambd)
-        self.global_batch = int(global_batch)
+        self.criterion = BarlowTwinsLoss(projector[-1], lambd, global_batch)
+
+    @property
+    def bn(self) -> nn.Module:
+        """The final affine-free batch norm (inside the loss)."""
+        return self.criterion.bn
 
     def embed(self, y: torch.Tensor) -> torch.Tensor:
         """Projector output of one view (before the final normalisation)."""
         return self.projector(self.backbone(y))
 
     def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.embed(y1), self.embed(y2)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            z1n, z2n = self.bn(_at_least_fp32(z1)), self.bn(_at_least_fp32(z2))
-            c = cross_correlation(z1n, z2n, self.global_batch)
-            return barlow_twins_loss(c, self.lambd)
+        return self.criterion(self.embed(y1), self.embed(y2))
+
+
+@register
+class BarlowTwinsMethod(TwoViewMethod):
+    name = "barlowtwins"
+    title = "Barlow Twins"
+    lr_columns = ("lr_weights", "lr_biases")
+
+    def build_model(self, encoder: nn.Module, global_batch: int) -> BarlowTwins:
+        return BarlowTwins(encoder, self.spec.feature_dim, self.s["projector"], self.s["lambd"], global_batch)
+
+    def learning_rates(self) -> tuple[float, float]:
+        return self.s["lr_weights"], self.s["lr_biases"]
