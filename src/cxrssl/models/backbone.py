@@ -70,7 +70,9 @@ def load_backbone_weights(model: nn.Module, path: str | Path, keep_fc: bool = Fa
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-    state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from cxrssl.runtime import load_checkpoint  # tensors and plain data only; refusals name the file
+
+    state = extract_state_dict(load_checkpoint(path, "backbone checkpoint"))
     if not keep_fc:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
