@@ -9,6 +9,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from cxrssl.config import ConfigError, pretraining_methods, section_schema, section_to_cli, validate_config
+from cxrssl.detection.engines import RUN_SETTINGS, engine_names
 
 # --- config: validate before any job runs; errors name the files, the key and what is wrong ---
 # cxrssl.config checks the schema, NaN/infinity and the cross-checks between sections; the
@@ -22,6 +23,11 @@ config.update(_validated)
 
 ENV = "../envs/cxrssl.yaml"
 ENV_MMDET = "../envs/mmdet.yaml"  # cxrssl.yaml + mmengine/mmdet (mmcv wheel: post-deploy)
+# Per detection engine: its conda environment and whether it runs multi-GPU through torchrun.
+DETECTION_ENGINE_RULE = {
+    "torchvision": {"env": ENV, "torchrun": True},
+    "mmdet": {"env": ENV_MMDET, "torchrun": False},  # mmengine runs one process here
+}
 
 
 def rule_python():
@@ -93,11 +99,11 @@ LINEAR_PLOT = f"{RESULTS}/linear_eval/auc_vs_fraction.png"
 DET_RUN = f"{RESULTS}/detection/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"
 EVAL_RUN = f"{RESULTS}/evaluation/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"
 HEATMAP_RUN = f"{RESULTS}/heatmaps/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"
+HEATMAP_LOCALIZATION = f"{HEATMAP_RUN}/localization.json"
 EVAL_SUMMARY = f"{RESULTS}/evaluation/summary.csv"
 
-
-# Settings that select runs (wildcards), not flags: changing them must not rerun finished runs.
-DETECTION_RUN_SETTINGS = ("engine", "engines", "inits", "resolutions")
+# Settings that select runs (wildcards), not flags: changing them must not rerun finished runs
+# (cxrssl.detection.engines.RUN_SETTINGS, imported above).
 
 
 wildcard_constraints:
@@ -106,7 +112,7 @@ wildcard_constraints:
     fraction="[0-9.]+",
     res="[0-9]+",
     seed="[0-9]+",
-    engine="torchvision|mmdet",
+    engine="|".join(engine_names()),
     split="train|val|test",
 
 
@@ -188,6 +194,18 @@ def torch_launcher(wildcards, resources):
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus >= 2:
         return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={gpus}"
+    return PY
+
+
+def detection_env(wildcards):
+    """The conda environment of a detection engine (rule train_detector)."""
+    return DETECTION_ENGINE_RULE[wildcards.engine]["env"]
+
+
+def detection_launcher(wildcards, resources):
+    """torchrun for engines that run DDP themselves (torchvision), else the rule's interpreter."""
+    if DETECTION_ENGINE_RULE[wildcards.engine]["torchrun"]:
+        return torch_launcher(wildcards, resources)
     return PY
 
 
@@ -284,19 +302,26 @@ def nih_inputs(wildcards):
     return [*demo_ready(), f"{NIH_ROOT}/Data_Entry_2017.csv", f"{NIH_ROOT}/train_val_list.txt", f"{NIH_ROOT}/test_list.txt"]
 
 
-# detection_mmdet.smk
-
 # evaluation.smk
 
 def evaluated_runs():
     return [(run, expand(f"{EVAL_RUN}/metrics.json", **run)[0]) for run in detection_runs()]
 
 
+def localized_runs():
+    return [(run, expand(HEATMAP_LOCALIZATION, **run)[0]) for run in detection_runs()]
+
+
 def run_flags():
-    return " ".join(
-        f"--run {run['engine']} {shlex.quote(str(run['init']))} {run['res']} {run['seed']} {shlex.quote(path)}"
-        for run, path in evaluated_runs()
-    )
+    """--run (metrics) and --localization (heatmap scores) flags of every run, and the baselines."""
+    flags = [
+        f"--{kind} {run['engine']} {shlex.quote(str(run['init']))} {run['res']} {run['seed']} {shlex.quote(path)}"
+        for kind, runs in (("run", evaluated_runs()), ("localization", localized_runs()))
+        for run, path in runs
+    ]
+    baselines = config["evaluation"]["baselines"]
+    flags.append("--baselines " + " ".join(shlex.quote(b) for b in baselines) if baselines else "")
+    return " ".join(flags)
 
 
 # heatmaps.smk

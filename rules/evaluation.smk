@@ -1,11 +1,14 @@
-# Stage: evaluation. COCO + VinBigData metrics per detection run (with a bootstrap CI), the
-# comparison table and plot across engine x init x resolution x seed, and the data summary.
+# Stage: evaluation. COCO + VinBigData metrics per detection run (with bootstrap intervals), the
+# comparison across engine x init x resolution x seed (mAP50 intervals, paired differences of every
+# init against the baselines over the same test-image resamples, the heatmaps' localisation scores)
+# as a table and plot, and the data summary.
 
 from pathlib import Path
 
 # Stage outputs beyond the canonical contracts in common.smk (only this stage and the report use them).
 EVAL_SUMMARY_MD = str(Path(EVAL_SUMMARY).with_suffix(".md"))
 EVAL_SUMMARY_PLOT = str(Path(EVAL_SUMMARY).with_name("map50_by_resolution.png"))
+EVAL_DIFFERENCES = str(Path(EVAL_SUMMARY).with_name("differences.csv"))
 DATA_SUMMARY_DIR = f"{PREP}/summary"
 DATA_SUMMARY_HTML = f"{DATA_SUMMARY_DIR}/data_summary.html"
 DATA_SUMMARY_COUNTS = f"{DATA_SUMMARY_DIR}/counts.csv"
@@ -19,8 +22,8 @@ rule evaluate:
     output:
         metrics=f"{EVAL_RUN}/metrics.json",
     params:
-        # evaluation.seeds is the fine-tuning grid, not a setting of the metric
-        args=cli("evaluation", exclude=("seeds",)),
+        # evaluation.seeds is the fine-tuning grid, baselines the summary's comparisons: not metric settings
+        args=cli("evaluation", exclude=("seeds", "baselines")),
         seed=SEED,
     log:
         f"{LOGS}/evaluate/{{engine}}/{{init}}_{{res}}px_seed{{seed}}.log",
@@ -39,7 +42,8 @@ rule evaluate:
 
 rule summarize_detection:
     input:
-        [path for _, path in evaluated_runs()],
+        metrics=[path for _, path in evaluated_runs()],
+        localization=[path for _, path in localized_runs()],
     output:
         csv=report(EVAL_SUMMARY, caption="../report/detection_summary.rst", category="Detection",
                    subcategory="Comparison"),
@@ -47,6 +51,8 @@ rule summarize_detection:
                         subcategory="Comparison"),
         plot=report(EVAL_SUMMARY_PLOT, caption="../report/detection_plot.rst", category="Detection",
                     subcategory="Comparison"),
+        differences=report(EVAL_DIFFERENCES, caption="../report/detection_differences.rst", category="Detection",
+                           subcategory="Comparison"),
     params:
         runs=run_flags(),
     log:
@@ -58,7 +64,7 @@ rule summarize_detection:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{PY} {SCRIPTS}/summarize_detection.py {params.runs} --csv {output.csv:q}"
+        "{PY} {SCRIPTS}/summarize_detection.py {params.runs} --csv {output.csv:q} --differences {output.differences:q}"
         " --markdown {output.markdown:q} --plot {output.plot:q} --log {log:q}"
 
 
@@ -91,5 +97,5 @@ rule summarize_data:
         " --quarantined {output.quarantined:q} --log {log:q}"
 
 
-FINAL_TARGETS.append(lambda: [EVAL_SUMMARY, EVAL_SUMMARY_MD, EVAL_SUMMARY_PLOT])
+FINAL_TARGETS.append(lambda: [EVAL_SUMMARY, EVAL_SUMMARY_MD, EVAL_SUMMARY_PLOT, EVAL_DIFFERENCES])
 FINAL_TARGETS.append(lambda: [DATA_SUMMARY_HTML, DATA_SUMMARY_COUNTS, DATA_SUMMARY_QUARANTINE])

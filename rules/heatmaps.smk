@@ -1,5 +1,7 @@
 # Stage: heatmaps. Ablation-CAM (or EigenCAM) of every detection run on the test images with most
-# boxes (or heatmaps.images), and per engine x resolution x seed a panel: rows = images, columns = inits.
+# boxes (or heatmaps.images), scored against the GT boxes (localization.json: share of heat in the
+# boxes, pointing game, ...; the detection summary tabulates them per init), and per engine x
+# resolution x seed a panel: rows = images, columns = inits.
 
 from cxrssl.cam.names import heatmap_name, n_heatmaps
 
@@ -19,8 +21,10 @@ rule heatmaps:
             for i in range(N_HEATMAPS)
         ],
         manifest=HEATMAP_MANIFEST,
+        localization=HEATMAP_LOCALIZATION,
     params:
         args=cli("heatmaps"),
+        seed=SEED,
     log:
         f"{LOGS}/heatmaps/{{engine}}/{{init}}_{{res}}px_seed{{seed}}.log",
     benchmark:
@@ -31,11 +35,11 @@ rule heatmaps:
     resources:
         mem_mb=8000,
         # Ablation-CAM: minutes per image on a CPU at paper resolution with the default ratio
-        runtime=lambda wildcards: 10 + 10 * N_HEATMAPS,
+        runtime=lambda wildcards: 10 + 10 * max(N_HEATMAPS, config["heatmaps"]["n_scored"]),
     shell:
         "{PY} {SCRIPTS}/heatmaps.py run --engine {wildcards.engine} --checkpoint {input.checkpoint:q}"
         " --coco {input.coco:q} --out-dir $(dirname {output.manifest:q}) --label {wildcards.init:q}"
-        " {params.args} --log {log:q}"
+        " --seed {params.seed} {params.args} --log {log:q}"
 
 
 rule heatmap_panel:

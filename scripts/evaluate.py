@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate COCO detection results: COCO mAP, VinBigData VOC-style mAP, bootstrap CI of mAP50.
+"""Evaluate COCO detection results: COCO mAP, the VinBigData metric (VOC 2010 mAP@0.4 with "No
+finding"), bootstrap intervals (percentile, BCa) of mAP50 over a fixed class set.
 
 Works on any COCO GT JSON and COCO results list, e.g.
     python scripts/evaluate.py --gt coco_test.json --results predictions_test.json --out metrics.json
@@ -14,7 +15,7 @@ from cxrssl.evaluation import evaluate, format_table
 from cxrssl.io import atomic_write_json
 from cxrssl.utils import setup_logging
 
-EXCLUDE = ("seeds",)
+EXCLUDE = ("seeds", "baselines")  # the fine-tuning grid and the summary's comparisons, not metric settings
 
 
 def main(argv: list[str] | None = None) -> None:

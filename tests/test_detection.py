@@ -1,5 +1,6 @@
-"""Torchvision Faster R-CNN engine: model building per init, freezing, data, schedule, training,
-checkpoint/resume and the predictions contract. Tiny sizes: resnet18, 64 px, a dozen images."""
+"""Torchvision Faster R-CNN engine: model building per init, freezing, norm_eval, precision, heads as
+mmdet's, data, schedule, training, checkpoint/resume, the engine contract, refusal of malicious
+checkpoints and the predictions contract. Tiny sizes: resnet18, 64 px, a dozen images."""
 
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cxrssl.classes import coco_categories
-from cxrssl.config import section_defaults
+from cxrssl.config import load_schema, section_defaults
 from cxrssl.detection import engine, train
-from cxrssl.detection.dataset import CocoDetection, collate, load_coco
+from cxrssl.detection.dataset import CocoDetection, collate, load_coco, training_image_ids
 from cxrssl.detection.engine import WarmupCosine, coco_map50, evaluate_map50
-from cxrssl.detection.model import build_detector, load_trained_detector, trainable_layers_for
+from cxrssl.detection.engines import RUN_SETTINGS, engine_names, get_engine, load_detector
+from cxrssl.detection.model import (EvalBatchNorm2d, MinIoUMatcher, build_detector, load_trained_detector,
+                                    set_precision, trainable_layers_for)
 from cxrssl.detection.transforms import hflip
 from cxrssl.errors import BadInputError
 from cxrssl.models.backbone import backbone_state_dict
+from payloads import check_payload_is_live, malicious_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 64
@@ -76,8 +80,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_settings(**overrides) -> dict:
-    s = {k: v for k, v in section_defaults("detection").items()
-         if k not in ("engine", "engines", "inits", "resolutions", "predict")}
+    s = {k: v for k, v in section_defaults("detection").items() if k not in RUN_SETTINGS + ("predict",)}
     s.update(arch="resnet18", epochs=3, batch_size=4, lr=0.01, warmup_iters=2, workers=0, amp=False,
              rpn_proposals=100, rois_per_image=32)
     s.update(overrides)
@@ -121,7 +124,8 @@ def test_imagenet_and_checkpoint_inits_load_their_weights(weights):
     assert torch.equal(_body(model).conv1.weight, imagenet["conv1.weight"])
     assert torch.equal(_body(model).layer3[0].conv1.weight, imagenet["layer3.0.conv1.weight"])
     assert torch.equal(_body(model).bn1.running_mean, imagenet["bn1.running_mean"])
-    assert isinstance(_body(model).layer4[0].bn1, FrozenBatchNorm2d)  # norm_eval
+    assert isinstance(_body(model).layer1[0].bn1, FrozenBatchNorm2d)  # a frozen stage
+    assert isinstance(_body(model).layer4[0].bn1, EvalBatchNorm2d)  # norm_eval: mmdet's, affine trains
 
     backbone = torch.load(weights["checkpoint"], weights_only=True)
     model = build_detector("resnet18", str(weights["checkpoint"]), res=RES)
@@ -175,6 +179,132 @@ def test_frozen_stages_stay_frozen_and_norm_eval_keeps_statistics(weights, data,
     assert stats_moved is (not norm_eval)
     if norm_eval:
         assert all(torch.equal(before[n], after[n]) for n in before if "running_" in n)
+    # mmdet's norm_eval keeps the BN affine weights of the trained stages trainable (torchvision's
+    # FrozenBatchNorm2d froze them): they move either way
+    for name in ("layer2.0.bn1.weight", "layer4.1.bn2.bias"):
+        assert not torch.equal(before[name], after[name]), name
+
+
+def test_norm_eval_batchnorm_stays_in_eval_mode_with_trainable_affine(weights):
+    model = build_detector("resnet18", "imagenet", res=RES, frozen_stages=1, norm_eval=True,
+                           imagenet_weights=weights["imagenet"])
+    model.train()
+    bns = [m for n, m in _body(model).named_modules() if n.startswith(("layer2", "layer3", "layer4"))
+           and isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, EvalBatchNorm2d) and not m.training for m in bns)
+    assert all(m.weight.requires_grad and m.bias.requires_grad for m in bns)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone.body.layer3.0.bn1.weight" in trainable and "backbone.body.layer1.0.bn1.weight" not in trainable
+
+
+# --- precision: bf16 backbone, fp32 heads ----------------------------------------------------------
+
+def _dtypes_seen(model: FasterRCNN, images, targets=None) -> dict:
+    seen = {}
+    hooks = [model.backbone.body.register_forward_hook(lambda m, i, o: seen.__setitem__("body", o["0"].dtype)),
+             model.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("fpn", o["0"].dtype)),
+             model.rpn.register_forward_hook(lambda m, i, o: seen.__setitem__("proposals", o[0][0].dtype)),
+             model.roi_heads.box_predictor.register_forward_hook(
+                 lambda m, i, o: seen.__setitem__("box_regression", o[1].dtype))]
+    try:
+        out = model(images, targets) if targets is not None else model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+def test_backbone_runs_in_bf16_and_proposals_and_boxes_stay_fp32(data):
+    """The policy that both engines follow with amp on a GPU, exercised with CPU autocast."""
+    torch.manual_seed(0)
+    model = build_detector("resnet18", "random", res=RES, score_thr=0.0, rpn_proposals=50, rois_per_image=16).eval()
+    images = [CocoDetection(data["val"])[0][0]]
+    with torch.no_grad():
+        # the defect: autocast around the whole detector decodes proposals and boxes in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            whole, (out_whole,) = _dtypes_seen(model, images)
+        assert whole["proposals"] == torch.bfloat16 and out_whole["boxes"].dtype == torch.bfloat16
+        set_precision(model, "cpu")
+        seen, (out,) = _dtypes_seen(model, images)
+    assert seen == {"body": torch.bfloat16, "fpn": torch.float32, "proposals": torch.float32,
+                    "box_regression": torch.float32}
+    assert out["boxes"].dtype == torch.float32 and len(out["boxes"]) > 0
+    # fp32 boxes are not on bf16's grid (2 px spacing above 256, 0.25 px between 32 and 64)
+    assert not torch.equal(out["boxes"], out["boxes"].bfloat16().float())
+    # training goes the same way: fp32 losses, gradients reach the bf16 backbone
+    model.train()
+    image, target = CocoDetection(data["train"])[0]
+    seen, losses = _dtypes_seen(model, [image], [target])
+    assert seen["proposals"] == torch.float32 and seen["body"] == torch.bfloat16
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.body.layer4[0].conv1.weight.grad is not None
+    set_precision(model, None)
+    assert _dtypes_seen(model.eval(), images)[0]["body"] == torch.float32
+
+
+def test_training_plan_applies_the_precision_policy(data):
+    s = tiny_settings(amp=True)
+    assert train.build_plan(s, data["train"], "random", RES, 0).model.backbone.autocast_device is None  # CPU
+    on_gpu = train.build_plan(s, data["train"], "random", RES, 0, device_type="cuda")
+    assert on_gpu.model.backbone.autocast_device == "cuda"
+    assert train.build_plan(dict(s, amp=False), data["train"], "random", RES, 0,
+                            device_type="cuda").model.backbone.autocast_device is None
+
+
+# --- heads as mmdet's R50-FPN ------------------------------------------------------------------------
+
+def test_rpn_box_loss_is_l1_over_the_sampled_anchors():
+    model = build_detector("resnet18", "random", res=RES)
+    rpn = model.rpn
+    rpn.fg_bg_sampler.batch_size_per_image = 10_000  # sample every labelled anchor: a deterministic sum
+    labels = [torch.tensor([1.0, 1.0, 0.0, 0.0, -1.0, 1.0])]
+    targets = [torch.zeros(6, 4)]
+    deltas = torch.full((6, 4), 0.05)  # |x| < 1/9: smooth-L1 (beta 1/9) would give 0.5 x^2 / beta
+    deltas[4] = 9.0  # an ignored anchor (-1) adds nothing
+    _, box_loss = rpn.compute_loss(torch.zeros(6, 1), deltas, labels, targets)
+    assert float(box_loss) == pytest.approx(3 * 4 * 0.05 / 5)  # 3 positives, 5 sampled
+
+
+def test_roi_box_loss_is_l1_over_the_sampled_rois(data):
+    torch.manual_seed(0)
+    model = build_detector("resnet18", "random", res=RES, rois_per_image=32).train()
+    heads, captured = model.roi_heads, {}
+    real_select = heads.select_training_samples
+
+    def select(proposals, targets):
+        out = real_select(proposals, targets)
+        captured["labels"], captured["targets"] = torch.cat(out[2]), torch.cat(out[3])
+        return out
+
+    heads.select_training_samples = select
+    hook = heads.box_predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("regression", o[1]))
+    image, target = CocoDetection(data["train"])[0]
+    losses = model([image], [target])
+    hook.remove()
+    labels, regression = captured["labels"], captured["regression"].reshape(len(captured["labels"]), -1, 4)
+    pos = torch.where(labels > 0)[0]
+    assert len(pos) > 0
+    expected = (regression[pos, labels[pos]] - captured["targets"][pos]).abs().sum() / labels.numel()
+    assert float(losses["loss_box_reg"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_rpn_low_quality_matches_need_iou_0_3():
+    quality = torch.tensor([[0.20, 0.10, 0.05],   # this GT's best anchor is below min_pos_iou 0.3
+                            [0.01, 0.35, 0.10]])  # this one's is above: its best anchor becomes positive
+    matches = MinIoUMatcher(0.7, 0.3, 0.3)(quality)
+    assert matches.tolist() == [-1, 1, -1]  # below 0.3 is background; mmdet's min_pos_iou floor
+    model = build_detector("resnet18", "random", res=RES)
+    assert isinstance(model.rpn.proposal_matcher, MinIoUMatcher) and model.rpn.proposal_matcher.min_pos_iou == 0.3
+    assert model.roi_heads.box_roi_pool.sampling_ratio == 0  # mmdet's adaptive RoIAlign sampling
+
+
+def test_input_geometry_is_the_models_own_resize_and_padding():
+    model = build_detector("resnet18", "random", res=RES)
+    for height, width in ((80, 96), (40, 96), (96, 33), (64, 64)):
+        batch, _ = model.transform([torch.rand(3, height, width)])
+        assert model.input_geometry(height, width) == (*batch.image_sizes[0], *batch.tensors.shape[-2:])
+    assert model.input_geometry(40, 96) == (26, 64, 32, 64)
 
 
 # --- data and transforms ---------------------------------------------------------------------
@@ -253,18 +383,24 @@ def test_missing_or_resized_image_names_the_file(tmp_path, data):
 # --- schedule and metric ---------------------------------------------------------------------
 
 @settings(max_examples=50, deadline=None)
-@given(warmup=st.integers(0, 50), extra=st.integers(1, 200), lr=st.floats(1e-3, 1.0),
+@given(warmup=st.integers(0, 50), epochs=st.integers(1, 12), per_epoch=st.integers(1, 30), lr=st.floats(1e-3, 1.0),
        min_frac=st.floats(0.0, 0.5))
-def test_warmup_then_cosine_schedule(warmup, extra, lr, min_frac):
-    total = warmup + extra
-    f = WarmupCosine(lr, lr * min_frac, warmup, total)
-    values = [f(i) for i in range(total + 1)]
-    if warmup:
-        assert values[0] == pytest.approx(0.001)
-        assert all(a < b for a, b in zip(values[:warmup], values[1:warmup + 1]))
-    assert values[warmup] == pytest.approx(1.0)
-    assert all(a >= b - 1e-12 for a, b in zip(values[warmup:], values[warmup + 1:]))
-    assert values[total] == pytest.approx(min_frac, abs=1e-9)
+def test_warmup_then_cosine_per_epoch_schedule(warmup, epochs, per_epoch, lr, min_frac):
+    """The paper's mmcv schedule: the cosine value changes once per epoch, the linear warm-up scales it
+    per iteration (mmcv's CosineAnnealingLrUpdaterHook, by_epoch=True)."""
+    total = epochs * per_epoch
+    f = WarmupCosine(lr, lr * min_frac, warmup, epochs, per_epoch)
+    values = [f(i) for i in range(total)]
+    cosine = [(min_frac + (1 - min_frac) * 0.5 * (1 + np.cos(np.pi * (i // per_epoch) / epochs))) for i in range(total)]
+    warm = [0.001 + 0.999 * i / warmup if i < warmup else 1.0 for i in range(total)]
+    assert values == pytest.approx([c * w for c, w in zip(cosine, warm)], rel=1e-9, abs=1e-12)
+    assert values[0] == pytest.approx(0.001 if warmup else 1.0)
+    after = [v for i, v in enumerate(values) if i >= warmup]
+    assert all(a >= b - 1e-12 for a, b in zip(after, after[1:]))  # never rises after the warm-up
+    for e in range(epochs):  # one value per epoch once warmed up
+        assert len({round(v, 12) for i, v in enumerate(values) if i // per_epoch == e and i >= warmup}) <= 1
+    if epochs > 1 and total - 1 >= warmup:
+        assert values[-1] > min_frac  # the last epoch is (E-1)/E of the way, as mmcv's
 
 
 def test_coco_map50_scores_perfect_shifted_and_empty_predictions(data):
@@ -420,9 +556,73 @@ def test_changed_settings_or_data_change_the_resume_fingerprint(data, tmp_path):
 def test_train_detector_script_help():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "train_detector.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
-    for flag in ("--init", "--res", "--train-json", "--frozen-stages", "--rois-per-image", "--device"):
+    for flag in ("--engine {torchvision,mmdet}", "--init", "--res", "--train-json", "--frozen-stages",
+                 "--rois-per-image", "--train-on-empty", "--device", "--threads"):
         assert flag in out
-    assert "--inits" not in out and "--engine " not in out
+    assert "--inits" not in out and "--engines" not in out and "--resolutions" not in out
+    assert not (REPO / "scripts" / "train_detector_mmdet.py").exists()  # one training script
+
+
+# --- the engine contract -------------------------------------------------------------------------------
+
+def test_engine_registry_matches_the_schema_and_the_run_settings():
+    det = load_schema()["properties"]["detection"]["properties"]
+    assert tuple(det["engine"]["enum"]) == engine_names() == tuple(det["engines"]["items"]["enum"])
+    assert set(RUN_SETTINGS) <= set(det) and det["inits"]["type"] == det["resolutions"]["type"] == "array"
+    assert get_engine("torchvision").name == "torchvision"
+    with pytest.raises(ValueError, match="unknown detection engine 'detectron'"):
+        get_engine("detectron")
+    # the tuple of run-selecting settings is written once: every user imports it
+    for path in ("scripts/train_detector.py", "rules/common.smk", "src/cxrssl/detection/mmdet_config.py"):
+        text = (REPO / path).read_text()
+        assert '"engine", "engines", "inits", "resolutions"' not in text, path
+
+
+def test_checkpoint_meta_is_plain_json_and_loads_through_the_registry(trained):
+    best = torch.load(trained / "best.pth", weights_only=True)
+    assert set(best) == {"meta", "model"}
+    meta = json.loads(json.dumps(best["meta"]))  # plain data, nothing else
+    assert meta == best["meta"]
+    assert (meta["format"], meta["engine"], meta["arch"], meta["res"]) == (2, "torchvision", "resnet18", RES)
+    assert meta["settings"]["rpn_proposals"] == 100 and "inits" not in meta["settings"]
+    model, loaded = load_detector(trained / "best.pth", score_thr=0.5)
+    assert loaded == meta and model.roi_heads.score_thresh == 0.5 and not model.training
+
+
+def test_train_on_empty_selects_the_training_images(data):
+    coco = load_coco(data["train"])
+    empty = {im["id"] for im in coco["images"]} - {a["image_id"] for a in coco["annotations"]}
+    assert len(empty) == 4
+    with_empty = CocoDetection(data["train"], train_on_empty=True)
+    boxed = CocoDetection(data["train"], train_on_empty=False)
+    assert len(with_empty) == 16 and len(boxed) == 12
+    assert {im["id"] for im in boxed.images} == set(training_image_ids(coco, False)) and not empty & {
+        im["id"] for im in boxed.images}
+    assert all(len(boxed[i][1]["boxes"]) for i in range(len(boxed)))
+    assert len(train.build_plan(tiny_settings(train_on_empty=False), data["train"], "random", RES, 0).train_set) == 12
+    assert len(CocoDetection(data["train"])) == 16  # val/test sets keep every image
+
+
+# --- malicious checkpoints are refused, never executed ----------------------------------------------
+
+def test_malicious_checkpoints_are_refused_at_init_resume_and_load(data, tmp_path):
+    check_payload_is_live(tmp_path)
+    marker = tmp_path / "pwned"
+    evil_init = malicious_checkpoint(tmp_path / "evil_backbone.pth", marker, "state_dict")
+    with pytest.raises(BadInputError, match="evil_backbone.pth"):
+        train.train_detector(data["train"], data["val"], data["test"], tmp_path / "a", init=str(evil_init),
+                             res=RES, seed=0, settings=tiny_settings(epochs=1), device="cpu")
+    run_dir = tmp_path / "b"
+    run_dir.mkdir()
+    malicious_checkpoint(run_dir / "last.pth", marker, "resume")
+    with pytest.raises(BadInputError, match="last.pth"):
+        train.train_detector(data["train"], data["val"], data["test"], run_dir, init="random", res=RES, seed=0,
+                             settings=tiny_settings(epochs=1), device="cpu")
+    evil = malicious_checkpoint(tmp_path / "best.pth", marker)
+    for load in (load_trained_detector, load_detector):
+        with pytest.raises(BadInputError, match="best.pth.*refused"):
+            load(evil)
+    assert not marker.exists()
 
 
 def test_gradient_clipping_caps_the_global_norm(data, monkeypatch):
@@ -442,7 +642,7 @@ def test_gradient_clipping_caps_the_global_norm(data, monkeypatch):
     model = build_detector("resnet18", "random", res=RES, rpn_proposals=50, rois_per_image=32)
     loader = [collate([CocoDetection(data["train"])[i] for i in range(2)])]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.WarmupCosine(0.001, 0.0, 0, 4))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.WarmupCosine(0.001, 0.0, 0, 4, 1))
     engine.train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), 1, grad_clip=0.0,
                            show_progress=False)
     assert seen == []

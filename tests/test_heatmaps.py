@@ -1,5 +1,7 @@
 """Heatmaps on a tiny Faster R-CNN + FPN (random weights): shape and range of the maps, the fast
-Ablation-CAM against the grad-cam library's own recipe, image selection, per-run PNGs and the panel."""
+Ablation-CAM against the grad-cam library's own recipe, the padding correction on non-square images,
+the localisation scorer, image selection, per-run PNGs, localisation files, the panel and refusal of
+malicious checkpoints."""
 
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from cxrssl.cam import FastAblationCAM, FPNReshape, compute_cam, make_panel, render_run, select_images, top_channels
-from cxrssl.cam.heatmaps import explained_predictions, library_ablation_cam
+from cxrssl.cam.heatmaps import explained_predictions, library_ablation_cam, scored_images
 from cxrssl.classes import coco_categories
+from cxrssl.errors import BadInputError
+from cxrssl.evaluation.localization import box_mask, score_heatmap, summarize_scores
+from payloads import check_payload_is_live, malicious_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -137,6 +142,90 @@ def _coco_fixture(folder: Path) -> Path:
     return path
 
 
+class BrightnessFPN(torch.nn.Module):
+    """A stand-in FPN whose every level is the (normalised, padded) input's bright part pooled to the
+    level's stride: the CAM of such features must sit where the bright square is."""
+
+    def forward(self, x):
+        bright = torch.relu(x.mean(1, keepdim=True))
+        levels = {}
+        for name, stride in (("0", 4), ("1", 8), ("2", 16), ("3", 32), ("pool", 64)):
+            pooled = torch.nn.functional.avg_pool2d(bright, stride, ceil_mode=True)
+            levels[name] = pooled * torch.linspace(1.0, 2.0, 256).view(1, -1, 1, 1)
+        return levels
+
+
+def _row_centroid(cam: np.ndarray) -> float:
+    rows = cam.sum(axis=1)
+    return float((rows * (np.arange(len(rows)) + 0.5)).sum() / rows.sum())
+
+
+def test_heatmap_of_a_non_square_image_sits_on_the_lesion():
+    """The detector pads 40x96 -> 26x64 resized to 32x64: its feature grid covers 32 rows of which the
+    image fills 26. Stretching the grid over the image (grad-cam's way) moves the map up by ~5 px."""
+    from cxrssl.detection.model import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("resnet18", "random", res=SIZE, score_thr=0.0, rpn_proposals=20).eval()
+    model.backbone = BrightnessFPN()
+    image = torch.full((3, 40, 96), 0.2)
+    image[:, 24:34, 40:52] = 0.95  # the "lesion": rows 24..34, centre 29
+    assert model.input_geometry(40, 96) == (26, 64, 32, 64)
+    result = compute_cam(model, image, method="eigen", min_grid=8)
+    assert result.cam.shape == (40, 96)
+    assert abs(_row_centroid(result.cam) - 29.0) < 1.5
+    mask = box_mask((40, 96), [(40, 24, 52, 34)])
+    assert score_heatmap(result.cam, [(40, 24, 52, 34)])["pointing_game"] == 1.0
+    assert result.cam[mask].mean() > 4 * result.cam[~mask].mean()
+    # without the correction (no geometry: the library's stretching) the map is off by several pixels
+    from cxrssl.cam.ablation import PaddedEigenCAM
+
+    cam = PaddedEigenCAM(model, [model.backbone], reshape_transform=FPNReshape(8))
+    try:
+        stretched = cam(image.unsqueeze(0), targets=[lambda output: 0.0])[0]  # EigenCAM needs no target
+    finally:
+        cam.activations_and_grads.release()
+    assert _row_centroid(stretched) < 29.0 - 3.0
+
+
+def test_localization_scores_hand_computed():
+    heat = np.full((10, 10), 0.25)
+    heat[2:6, 2:6] = 1.0  # 16 pixels of 1 inside the box, 84 of 0.25 outside
+    heat[8, 8] = 0.5
+    box = [(2, 2, 6, 6)]
+    scores = score_heatmap(heat, box, threshold=0.5)
+    assert scores["energy_in_box"] == pytest.approx(16 / (16 + 83 * 0.25 + 0.5))
+    assert scores["pointing_game"] == 1.0
+    # thresholded at 0.5: the box and the lone pixel (0.5 >= 0.5)
+    assert scores["iou"] == pytest.approx(16 / 17) and scores["dice"] == pytest.approx(32 / 33)
+    inside, outside = heat[2:6, 2:6].ravel(), np.delete(heat.ravel(), [r * 10 + c for r in range(2, 6) for c in range(2, 6)])
+    assert scores["cnr"] == pytest.approx(abs(inside.mean() - outside.mean()) / np.sqrt(inside.var() + outside.var()))
+    # pixels whose centre is inside: columns 0..2 (centres 0.5, 1.5, 2.5), row 1 only (0.5 < 0.6, 2.5 > 2.4)
+    assert box_mask((4, 4), [(0.4, 0.6, 2.6, 2.4)]).tolist()[1] == [True, True, True, False]
+    assert box_mask((4, 4), [(0.4, 0.6, 2.6, 2.4)]).sum() == 3
+    off = np.zeros((10, 10))
+    off[8, 2] = 1.0  # the maximum 2 px below the box
+    assert score_heatmap(off, box)["pointing_game"] == 0.0
+    assert score_heatmap(off, box, tolerance=3)["pointing_game"] == 1.0
+    assert score_heatmap(off, [(0, 0, 10, 10)])["energy_in_box"] == 1.0
+    assert score_heatmap(heat, []) is None  # an image without boxes is not scored
+    flat = score_heatmap(np.ones((10, 10)), box)
+    assert flat["energy_in_box"] == pytest.approx(0.16) and np.isnan(flat["cnr"])  # a flat map: the box's area
+
+
+def test_localization_summary_bootstraps_images():
+    rng = np.random.default_rng(0)
+    rows = [{"energy_in_box": float(v), "pointing_game": float(v > 0.5), "iou": None, "dice": 0.5, "cnr": 1.0}
+            for v in rng.uniform(size=30)]
+    summary = summarize_scores(rows, n_resamples=300, seed=1)
+    energy = summary["energy_in_box"]
+    assert energy["mean"] == pytest.approx(np.mean([r["energy_in_box"] for r in rows])) and energy["n"] == 30
+    assert energy["ci"][0] < energy["mean"] < energy["ci"][1]
+    assert summary["iou"] == {"mean": None, "ci": [None, None], "n": 0}
+    assert summarize_scores(rows, 300, 1) == summary and summarize_scores(rows, 300, 2) != summary
+    assert summarize_scores(rows[:1], 300, 1)["energy_in_box"]["ci"] == [None, None]
+
+
 def test_select_images(tmp_path):
     coco = json.loads(_coco_fixture(tmp_path).read_text())
     assert [im["vindr_id"] for im in select_images(coco, 3)] == ["a", "b", "c"]  # most boxes, then id
@@ -145,6 +234,9 @@ def test_select_images(tmp_path):
         select_images(coco, 5)
     with pytest.raises(ValueError, match=r"\['zz'\]"):
         select_images(coco, 1, ["zz"])
+    drawn = select_images(coco, 1)
+    assert [im["vindr_id"] for im in scored_images(coco, drawn, 0)] == ["a"]
+    assert [im["vindr_id"] for im in scored_images(coco, drawn, 9)] == ["a", "b", "c"]  # "d" has no box
 
 
 def _checkpoint(path: Path) -> Path:
@@ -163,7 +255,7 @@ def test_render_run_and_panel(tmp_path):
     ckpt = _checkpoint(tmp_path / "best.pth")
     settings = {"method": "eigen", "n_images": 2, "images": [], "target_layer": "backbone",
                 "ratio_channels_to_ablate": 0.1, "batch_size": 8, "score_thr": 0.5, "top_k": 2, "device": "cpu",
-                "min_grid": 4}
+                "min_grid": 4, "n_scored": 3, "loc_threshold": 0.5, "loc_bootstrap": 50}
     columns = []
     for init in ("random", "barlowtwins"):
         out = tmp_path / init
@@ -171,6 +263,11 @@ def test_render_run_and_panel(tmp_path):
         assert [e["key"] for e in manifest["images"]] == ["a", "b"]
         assert (out / "heatmap_00.png").stat().st_size > 1000 and (out / "heatmap_01.png").is_file()
         assert json.loads((out / "heatmaps.json").read_text())["images"][0]["method"] == "eigen"
+        assert not (out / "heatmap_02.png").exists()  # the third image is scored, not drawn
+        loc = json.loads((out / "localization.json").read_text())
+        assert loc["n_images"] == 3 and [r["key"] for r in loc["images"]] == ["a", "b", "c"]
+        assert [r["drawn"] for r in loc["images"]] == [True, True, False]
+        assert 0 <= loc["summary"]["energy_in_box"]["mean"] <= 1 and loc["summary"]["pointing_game"]["n"] == 3
         columns.append((init, out / "heatmaps.json"))
     panel = tmp_path / "panel.png"
     make_panel(columns, panel, title="torchvision 64 px")
@@ -186,6 +283,18 @@ def test_render_run_and_panel(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "p2.png").is_file()
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    check_payload_is_live(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = malicious_checkpoint(tmp_path / "best.pth", marker)
+    settings = {"method": "eigen", "n_images": 1, "images": [], "target_layer": "backbone",
+                "ratio_channels_to_ablate": 0.1, "batch_size": 8, "score_thr": 0.5, "top_k": 2, "device": "cpu",
+                "min_grid": 4}
+    with pytest.raises(BadInputError, match="best.pth.*refused"):
+        render_run("torchvision", evil, _coco_fixture(tmp_path / "data"), tmp_path / "out", settings)
+    assert not marker.exists()
 
 
 def test_panel_rejects_different_images(tmp_path):

@@ -1,5 +1,7 @@
-"""mmdet detection engine: config equivalence, class table, backbone loading, a tiny training run
-through the shared evaluation, the CAM wrapper, the missing-mmcv message and the mmcv build recipe.
+"""mmdet detection engine: config equivalence, every shared setting reaching both engines, the
+common LR schedule and precision policy, class table, backbone loading, a tiny training run through
+the shared evaluation, the CAM wrapper, refusal of malicious checkpoints and stored config code, the
+missing-mmcv message and the mmcv build recipe.
 
 Tests that need mmcv's compiled ops are marked ``mmdet`` and skipped only when those are not
 importable (CI installs the prebuilt wheel from ../shared/wheels/).
@@ -26,7 +28,10 @@ from PIL import Image
 from cxrssl.classes import VINDR_CLASSES, coco_categories
 from cxrssl.config import section_defaults
 from cxrssl.detection import mmcv_build
-from cxrssl.detection.mmdet_config import BEST_METRIC, build_config
+from cxrssl.detection.engines import RUN_SETTINGS, training_settings
+from cxrssl.detection.mmdet_config import BEST_METRIC, SCHEDULER_TYPE, build_config
+from cxrssl.errors import BadInputError
+from payloads import check_payload_is_live, malicious_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_REASON = ("mmcv with compiled ops (mmcv.ops), mmengine or mmdet is not installed: "
@@ -96,10 +101,11 @@ def test_config_has_the_papers_schedule_and_pipeline(tmp_path):
                        backbone_checkpoint="/ckpt/backbone.pth", seed=3)
     opt = cfg["optim_wrapper"]["optimizer"]
     assert (opt["type"], opt["lr"], opt["momentum"], opt["weight_decay"]) == ("SGD", 0.005, 0.9, 1e-4)
-    warm, cos = cfg["param_scheduler"]
-    assert (warm["type"], warm["by_epoch"], warm["begin"], warm["end"], warm["start_factor"]) == \
-        ("LinearLR", False, 0, 500, 0.001)
-    assert (cos["type"], cos["eta_min"], cos["T_max"], cos["end"]) == ("CosineAnnealingLR", 1e-4, 50, 50)
+    assert cfg["optim_wrapper"]["type"] == "OptimWrapper"  # precision lives in the detector type
+    (sched,) = cfg["param_scheduler"]
+    assert (sched["type"], sched["lr"], sched["min_lr"], sched["warmup_iters"], sched["epochs"]) == \
+        (SCHEDULER_TYPE, 0.005, 1e-4, 500, 50)
+    assert sched["convert_to_iter_based"] is True and cfg["default_hooks"]["checkpoint"] is None
     assert cfg["train_cfg"]["max_epochs"] == 50 and cfg["train_dataloader"]["batch_size"] == 32
     train_pipe = {s["type"]: s for s in cfg["train_dataloader"]["dataset"]["pipeline"]}
     assert train_pipe["Resize"]["scale"] == (640, 640) and train_pipe["Resize"]["keep_ratio"] is True
@@ -115,13 +121,23 @@ def test_config_has_the_papers_schedule_and_pipeline(tmp_path):
     assert cfg["model"]["neck"]["in_channels"] == [256, 512, 1024, 2048]
     assert cfg["model"]["roi_head"]["bbox_head"]["num_classes"] == 14
     assert cfg["model"]["test_cfg"]["rcnn"]["score_thr"] == 0.001
-    ckpt = cfg["default_hooks"]["checkpoint"]
-    assert (ckpt["save_best"], ckpt["rule"]) == (BEST_METRIC, "greater") == ("coco/bbox_mAP_50", "greater")
+    assert BEST_METRIC == "coco/bbox_mAP_50"
+    assert cfg["model"]["type"] == "CxrsslFasterRCNN" and cfg["model"]["autocast_device"] is None  # CPU
+    rpn, rcnn = cfg["model"]["train_cfg"]["rpn"], cfg["model"]["train_cfg"]["rcnn"]
+    assert rpn["assigner"]["min_pos_iou"] == 0.3 and rcnn["sampler"]["num"] == 512
+    assert cfg["model"]["roi_head"]["bbox_roi_extractor"]["roi_layer"]["sampling_ratio"] == 0
+    assert cfg["model"]["rpn_head"]["loss_bbox"]["type"] == cfg["model"]["roi_head"]["bbox_head"]["loss_bbox"][
+        "type"] == "L1Loss"
     for split in ("train", "val", "test"):
         ds = cfg[f"{split}_dataloader"]["dataset"]
         assert ds["metainfo"]["classes"] == VINDR_CLASSES
         assert ds["data_root"] == str(tmp_path) and ds["ann_file"] == f"coco_{split}.json"
-        assert ds["filter_cfg"]["filter_empty_gt"] is (split == "train")
+        assert ds["filter_cfg"]["filter_empty_gt"] is False  # default train_on_empty: true
+    paper = build_config(params(train_on_empty=False), train_json=tmp_path / "coco_train.json",
+                         val_json=tmp_path / "coco_val.json", test_json=tmp_path / "coco_test.json",
+                         work_dir=tmp_path / "w", res=640, backbone_checkpoint=None, seed=3)
+    assert paper["train_dataloader"]["dataset"]["filter_cfg"] == {"filter_empty_gt": True, "min_size": 32}
+    assert paper["test_dataloader"]["dataset"]["filter_cfg"]["filter_empty_gt"] is False
     assert cfg["randomness"]["seed"] == 3
 
 
@@ -134,7 +150,7 @@ def test_random_init_keeps_normalisation_trainable(tmp_path, norm, expected):
     assert (bb["depth"], bb["frozen_stages"], bb["norm_eval"], bb["init_cfg"]) == (18, -1, False, None)
     assert bb["norm_cfg"]["type"] == expected and bb["norm_cfg"]["requires_grad"] is True
     assert cfg["model"]["neck"]["in_channels"] == [64, 128, 256, 512]
-    assert [s["type"] for s in cfg["param_scheduler"]] == ["CosineAnnealingLR"]  # no warm-up asked
+    assert [(s["type"], s["warmup_iters"]) for s in cfg["param_scheduler"]] == [(SCHEDULER_TYPE, 0)]
 
 
 # --- missing mmcv ----------------------------------------------------------------------------------
@@ -150,10 +166,12 @@ def test_import_without_mmcv_says_how_to_install(monkeypatch):
     sys.modules.pop("cxrssl.detection.mmdet_engine", None)
 
 
-def test_script_help_needs_no_mmcv():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/train_detector_mmdet.py"), "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    assert "--init" in out and "--warmup-iters" in out and "--engine" not in out and "--inits" not in out
+def test_script_help_needs_no_mmcv(monkeypatch):
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['mmcv'] = None; "
+                          f"sys.argv = ['train_detector.py', '--help']; exec(open({str(ROOT / 'scripts/train_detector.py')!r}).read())"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--engine {torchvision,mmdet}" in out.stdout and "--warmup-iters" in out.stdout and "--inits" not in out.stdout
 
 
 # --- mmcv build recipe -----------------------------------------------------------------------------
@@ -303,7 +321,7 @@ def trained_run(tmp_path_factory):
     # score_thr 0 so that a one-iteration model still emits boxes to evaluate.
     p = params(arch="resnet18", epochs=1, batch_size=2, warmup_iters=1, workers=0, score_thr=0.0)
     summary = engine.train(jsons["train"], jsons["val"], jsons["test"], root / "run", init=str(backbone), res=64,
-                           seed=0, params=p)
+                           seed=0, settings=p, init_name="barlowtwins")
     logging.getLogger().handlers.clear()
     return engine, root / "run", jsons, summary, log_file
 
@@ -318,9 +336,15 @@ def test_tiny_training_run_through_the_shared_evaluation(trained_run, tmp_path):
     _engine, run, jsons, summary, log_file = trained_run
     for name in ("best.pth", "last.pth", "train_log.csv", "train_curve.png", "predictions_test.json"):
         assert (run / name).is_file(), name
-    best = torch.load(run / "best.pth", weights_only=True)
-    assert best["engine"] == "mmdet" and best["meta"]["classes"] == list(VINDR_CLASSES)
-    assert best["meta"]["epoch"] == 1 and summary["best_epoch"] == 1
+    best = torch.load(run / "best.pth", weights_only=True)  # tensors and plain data only
+    assert set(best) == {"meta", "model"} and json.loads(json.dumps(best["meta"])) == best["meta"]
+    meta = best["meta"]
+    assert (meta["format"], meta["engine"], meta["init_name"], meta["pretrained"]) == (2, "mmdet", "barlowtwins", True)
+    assert meta["classes"] == list(VINDR_CLASSES) and "cfg" not in meta and meta["settings"]["arch"] == "resnet18"
+    assert meta["epoch"] == 1 and summary["best_epoch"] == 1 and meta["input_size"] == 64
+    assert set(torch.load(run / "last.pth", weights_only=True)) == {"meta", "model"}
+    assert not list((run / "mmdet_work").rglob("*.pth")) or all(
+        p.name == "backbone_init.pth" for p in (run / "mmdet_work").rglob("*.pth"))  # no mmengine checkpoints
     log_frame = pd.read_csv(run / "train_log.csv")
     assert list(log_frame.columns[:3]) == ["epoch", "iter", "loss"] and len(log_frame) == 1
     assert log_frame["val_mAP50"].notna().iloc[-1]
@@ -415,3 +439,219 @@ def test_gradient_clipping_reaches_the_mmdet_optimizer(tmp_path):
     assert "clip_grad" not in build_config(params(), **kwargs)["optim_wrapper"]  # the paper's: none
     clipped = build_config(params(grad_clip=10.0), **kwargs)["optim_wrapper"]
     assert clipped["clip_grad"] == {"max_norm": 10.0, "norm_type": 2}
+
+
+# --- one engine contract: every shared setting reaches both engines ---------------------------------
+
+def _depth(blocks) -> int:
+    return {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}[tuple(blocks)]
+
+
+def _frozen_stages(named_params) -> list[str]:
+    """mmdet stages (stem = conv1 + its norm) none of whose parameters train."""
+    stages = {"stem": ("conv1", "bn1"), **{f"layer{i}": (f"layer{i}",) for i in range(1, 5)}}
+    trains = {stage: False for stage in stages}
+    for name, p in named_params:
+        for stage, prefixes in stages.items():
+            if name.startswith(prefixes) and p.requires_grad:
+                trains[stage] = True
+    return [stage for stage, t in trains.items() if not t]
+
+
+def _mm_backbone(cfg):
+    from mmdet.registry import MODELS
+
+    backbone = MODELS.build(dict(cfg["model"]["backbone"], init_cfg=None))
+    backbone.train()
+    return backbone
+
+
+def _mm_train_set(cfg):
+    from mmdet.registry import DATASETS
+
+    return DATASETS.build(cfg["train_dataloader"]["dataset"])
+
+
+def _mm_iters_per_epoch(cfg) -> int:
+    """Batches per epoch as mmdet's own sampler (AspectRatioBatchSampler) yields them."""
+    from mmdet.datasets.samplers import AspectRatioBatchSampler
+    from mmengine.dataset import DefaultSampler
+
+    ds = _mm_train_set(cfg)
+    sampler = AspectRatioBatchSampler(DefaultSampler(ds, shuffle=True, seed=0), cfg["train_dataloader"]["batch_size"])
+    n = sum(1 for _ in sampler)
+    assert n == len(sampler)
+    return n
+
+
+def _mm_lrs(cfg):
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    iters_per_epoch = _mm_iters_per_epoch(cfg)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg["optim_wrapper"]["optimizer"]["lr"])
+    (sched,) = cfg["param_scheduler"]
+    scheduler = PARAM_SCHEDULERS.build(sched, default_args=dict(optimizer=optimizer, epoch_length=iters_per_epoch))
+    lrs = []
+    for _ in range(cfg["train_cfg"]["max_epochs"] * iters_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _tv_lrs(plan):
+    lrs = []
+    for _ in range(plan.epochs * len(plan.loader)):
+        lrs.append(plan.optimizer.param_groups[0]["lr"])
+        plan.optimizer.step()
+        plan.scheduler.step()
+    return lrs
+
+
+def _mm_train_ids(cfg):
+    ds = _mm_train_set(cfg)
+    return sorted(int(ds.get_data_info(i)["img_id"]) for i in range(len(ds)))
+
+
+def _mm_bn(cfg):
+    bn = _mm_backbone(cfg).layer3[0].bn1
+    return bn.training, bn.weight.requires_grad
+
+
+#: For each training setting of the schema: a value other than the base's, how the torchvision
+#: training plan (model, optimizer, schedule, loader) shows it, and how the mmdet config (or what
+#: mmdet builds from it: backbone, datasets, sampler, scheduler) shows it.
+PROBES = {
+    "arch": ("resnet34", lambda tv: _depth(len(getattr(tv.model.backbone.body, f"layer{i}")) for i in range(1, 5)),
+             lambda mm: mm["model"]["backbone"]["depth"]),
+    "epochs": (3, lambda tv: (tv.epochs, len(_tv_lrs(tv))), lambda mm: (mm["train_cfg"]["max_epochs"], len(_mm_lrs(mm)))),
+    "batch_size": (3, lambda tv: (tv.loader.batch_size, len(tv.loader)),
+                   lambda mm: (mm["train_dataloader"]["batch_size"], _mm_iters_per_epoch(mm))),
+    "lr": (0.02, _tv_lrs, _mm_lrs),
+    "momentum": (0.5, lambda tv: tv.optimizer.param_groups[0]["momentum"],
+                 lambda mm: mm["optim_wrapper"]["optimizer"]["momentum"]),
+    "weight_decay": (0.003, lambda tv: tv.optimizer.param_groups[0]["weight_decay"],
+                     lambda mm: mm["optim_wrapper"]["optimizer"]["weight_decay"]),
+    "warmup_iters": (1, _tv_lrs, _mm_lrs),
+    "min_lr": (0.004, _tv_lrs, _mm_lrs),
+    "frozen_stages": (2, lambda tv: _frozen_stages(tv.model.backbone.body.named_parameters()),
+                      lambda mm: _frozen_stages(_mm_backbone(mm).named_parameters())),
+    "norm_eval": (False, lambda tv: (tv.model.train().backbone.body.layer3[0].bn1.training,
+                                     tv.model.backbone.body.layer3[0].bn1.weight.requires_grad), _mm_bn),
+    "random_init_norm": ("groupnorm", lambda tv: type(tv.model.backbone.body.bn1).__name__,
+                         lambda mm: type(_mm_backbone(mm).norm1).__name__),
+    "hflip": (0.25, lambda tv: tv.train_set.hflip_prob,
+              lambda mm: {t["type"]: t for t in mm["train_dataloader"]["dataset"]["pipeline"]}["RandomFlip"]["prob"]),
+    "grad_clip": (3.0, lambda tv: tv.grad_clip, lambda mm: mm["optim_wrapper"].get("clip_grad", {}).get("max_norm", 0.0)),
+    "workers": (2, lambda tv: tv.loader.num_workers, lambda mm: mm["train_dataloader"]["num_workers"]),
+    "amp": (True, lambda tv: tv.model.backbone.autocast_device, lambda mm: mm["model"]["autocast_device"]),
+    "rpn_proposals": (77, lambda tv: (tv.model.rpn._post_nms_top_n["training"], tv.model.rpn._post_nms_top_n["testing"]),
+                      lambda mm: (mm["model"]["train_cfg"]["rpn_proposal"]["max_per_img"],
+                                  mm["model"]["test_cfg"]["rpn"]["max_per_img"])),
+    "rois_per_image": (48, lambda tv: tv.model.roi_heads.fg_bg_sampler.batch_size_per_image,
+                       lambda mm: mm["model"]["train_cfg"]["rcnn"]["sampler"]["num"]),
+    "score_thr": (0.2, lambda tv: tv.model.roi_heads.score_thresh, lambda mm: mm["model"]["test_cfg"]["rcnn"]["score_thr"]),
+    "train_on_empty": (False, lambda tv: sorted(int(im["id"]) for im in tv.train_set.images), _mm_train_ids),
+}
+
+
+def test_every_training_setting_has_a_probe():
+    assert set(PROBES) == set(training_settings(section_defaults("detection")))
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """The data, the base settings and both engines' views of them, built once per probe kind."""
+    from cxrssl.detection.train import build_plan
+
+    _require_mmdet()
+    root = tmp_path_factory.mktemp("parity")
+    jsons = make_coco(root, sizes=(6, 1, 1))
+    torch.manual_seed(0)
+    for arch in ("resnet18", "resnet34"):
+        torch.save(getattr(torchvision.models, arch)().state_dict(), root / f"imagenet_{arch}.pth")
+    base = {k: v for k, v in params(arch="resnet18", epochs=2, batch_size=2, workers=0, warmup_iters=3,
+                                    amp=False, grad_clip=0.0).items() if k not in RUN_SETTINGS + ("predict",)}
+
+    def views(s, init):
+        weights = root / f"imagenet_{s['arch']}.pth"
+        tv = build_plan(s, jsons["train"], init, 64, 0, imagenet_weights=weights, device_type="cuda")
+        mm = build_config(s, train_json=jsons["train"], val_json=jsons["val"], test_json=jsons["test"],
+                          work_dir=root / "w", res=64, backbone_checkpoint=None if init == "random" else str(weights),
+                          seed=0, device_type="cuda")
+        return tv, mm
+
+    shared, values = {}, {}
+
+    def base_values(setting, init):
+        _, tv_probe, mm_probe = PROBES[setting]
+        key = (init, tv_probe, mm_probe)
+        if key not in values:
+            if tv_probe is _tv_lrs or setting == "epochs":  # these step the plan's optimizer: a plan of their own
+                tv, mm = views(base, init)
+            else:
+                if init not in shared:
+                    shared[init] = views(base, init)
+                tv, mm = shared[init]
+            values[key] = (tv_probe(tv), mm_probe(mm))
+        return values[key]
+
+    return base, views, base_values
+
+
+@pytest.mark.mmdet
+@pytest.mark.parametrize("setting", sorted(PROBES))
+def test_every_shared_setting_reaches_both_engines(parity, setting):
+    """Each setting, changed from the base, shows up the same in the torchvision training plan and
+    in the mmdet config (or in what mmdet builds from it), and differently from the base."""
+    base, views, base_values = parity
+    value, tv_probe, mm_probe = PROBES[setting]
+    init = "random" if setting == "random_init_norm" else "imagenet"
+    tv_base, mm_base = base_values(setting, init)
+    tv, mm = views(dict(base, **{setting: value}), init)
+    tv_new, mm_new = tv_probe(tv), mm_probe(mm)
+    assert tv_new == pytest.approx(mm_new), (setting, tv_new, mm_new)
+    assert tv_base == pytest.approx(mm_base), (setting, tv_base, mm_base)
+    assert tv_new != tv_base, f"{setting}: the probe does not see the setting"
+
+
+@pytest.mark.mmdet
+def test_mmdet_backbone_runs_in_bf16_and_boxes_stay_fp32(engine):
+    """The precision policy of both engines, exercised with CPU autocast (on GPUs it is CUDA's)."""
+    cfg = build_config(params(arch="resnet18", rpn_proposals=50), train_json=Path("a.json"), val_json=Path("b.json"),
+                       test_json=Path("c.json"), work_dir=Path("w"), res=64, backbone_checkpoint=None, seed=0)
+    cfg["model"]["autocast_device"] = "cpu"
+    cfg["model"]["test_cfg"]["rcnn"]["score_thr"] = 0.0
+    from mmdet.registry import MODELS
+    from mmengine.config import ConfigDict
+
+    torch.manual_seed(0)
+    detector = MODELS.build(ConfigDict(cfg["model"])).eval()
+    seen = {}
+    detector.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("backbone", o[0].dtype))
+    image = torch.rand(3, 48, 64)
+    with torch.no_grad():
+        feats = detector.extract_feat(detector.data_preprocessor({"inputs": [image * 255]}, False)["inputs"])
+        (out,) = engine.MMDetCamModel(detector, 64)([image])
+    assert seen["backbone"] == torch.bfloat16 and all(f.dtype == torch.float32 for f in feats)
+    assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32 and len(out["boxes"])
+
+
+@pytest.mark.mmdet
+def test_malicious_checkpoints_and_stored_config_code_are_refused(engine, tmp_path):
+    check_payload_is_live(tmp_path)
+    marker = tmp_path / "pwned"
+    evil_backbone = malicious_checkpoint(tmp_path / "evil_backbone.pth", marker, "state_dict")
+    with pytest.raises(BadInputError, match="evil_backbone.pth"):
+        engine.prepare_backbone_checkpoint(str(evil_backbone), "resnet18", tmp_path)
+    evil = malicious_checkpoint(tmp_path / "best.pth", marker)
+    with pytest.raises(BadInputError, match="best.pth.*refused"):
+        engine.load_cam_model(evil)
+    # The old format kept the mmdet config as Python text; mmengine's Config.fromstring would run it.
+    code = f"open({str(marker)!r}, 'w').close()\nmodel = dict(type='FasterRCNN')\n"
+    torch.save({"engine": "mmdet", "meta": {"cfg": code, "classes": list(VINDR_CLASSES), "res": 64},
+                "state_dict": {"w": torch.zeros(1)}}, tmp_path / "old.pth")
+    with pytest.raises(BadInputError, match="old.pth.*never executes stored code"):
+        engine.load_cam_model(tmp_path / "old.pth")
+    assert not marker.exists()
+    assert "fromstring(" not in Path(engine.__file__).read_text()

@@ -27,6 +27,7 @@ from cxrssl.classes import VINDR_CLASSES, coco_categories
 from cxrssl.detection import predict
 from cxrssl.detection.model import build_detector, build_meta
 from cxrssl.errors import BadInputError
+from payloads import check_payload_is_live, malicious_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL = 5  # COCO id 5 = "Consolidation", class_id 4
@@ -68,8 +69,9 @@ class SquareOracle(nn.Module):
 @pytest.fixture
 def oracle(monkeypatch):
     model = SquareOracle()
-    meta = {"arch": "resnet18", "init": "random", "res": 64, "input_size": INPUT_SIZE, "input_bit_depth": 8}
-    monkeypatch.setattr(predict, "load_trained_detector", lambda path, device: (model, meta))
+    meta = {"engine": "torchvision", "arch": "resnet18", "init": "random", "res": 64, "input_size": INPUT_SIZE,
+            "input_bit_depth": 8, "score_thr": 0.001, "settings": {}}
+    monkeypatch.setattr(predict, "load_detector", lambda path, device, score_thr=None: (model, meta))
     return model
 
 
@@ -132,11 +134,12 @@ def test_png_and_dicom_boxes_come_back_in_original_pixels(oracle, tmp_path):
     assert sorted(submission["image_id"]) == sorted([*cases, "empty"])
     assert (out / "submission.csv").read_text().splitlines()[0] == "image_id,PredictionString"
     for image_id, (height, width, square) in cases.items():
-        [[class_id, score, *box]] = boxes_of(submission, image_id)
+        [[class_id, score, *box], no_finding] = boxes_of(submission, image_id)
         assert class_id == LABEL - 1 and score == pytest.approx(0.9)
         tolerance = max(height, width) / INPUT_SIZE + 1  # one input pixel, plus rounding
         assert box == pytest.approx(list(square), abs=tolerance), image_id
-    assert submission.set_index("image_id").loc["empty", "PredictionString"] == "14 1 0 0 1 1"
+        assert no_finding == [14, pytest.approx(0.1), 0, 0, 1, 1]  # p = 1 - best box score, on every image
+    assert submission.set_index("image_id").loc["empty", "PredictionString"] == "14 1.0000 0 0 1 1"
 
     results = json.loads((out / "predictions.json").read_text())
     assert len(results) == len(cases)
@@ -182,8 +185,8 @@ def test_duplicate_image_ids_and_missing_inputs_are_errors(tmp_path):
 def test_prediction_string_uses_zero_based_classes():
     text = predict.prediction_string(np.array([1, 14]), np.array([0.5, 0.25]),
                                      np.array([[1.2, 2.6, 30.0, 40.4], [0, 0, 5, 5]]))
-    assert text == "0 0.5000 1 3 30 40 13 0.2500 0 0 5 5"
-    assert predict.prediction_string(np.zeros(0), np.zeros(0), np.zeros((0, 4))) == "14 1 0 0 1 1"
+    assert text == "0 0.5000 1 3 30 40 13 0.2500 0 0 5 5 14 0.5000 0 0 1 1"
+    assert predict.prediction_string(np.zeros(0), np.zeros(0), np.zeros((0, 4))) == "14 1.0000 0 0 1 1"
 
 
 def test_cli_with_a_real_checkpoint(tmp_path):
@@ -210,8 +213,11 @@ def test_cli_with_a_real_checkpoint(tmp_path):
         assert 0 <= x and 0 <= y and x + w <= width + 0.01 and y + h <= height + 0.01
         assert 1 <= r["category_id"] <= len(VINDR_CLASSES)
     for image_id, width, height in (("case", 200, 300), ("case2", 240, 180)):
-        for class_id, _, x0, y0, x1, y1 in boxes_of(submission, image_id):
+        *entries, no_finding = boxes_of(submission, image_id)
+        for class_id, _, x0, y0, x1, y1 in entries:
             assert 0 <= class_id <= 13 and 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+        best = max(r["score"] for r in results if r["image_name"] == image_id)
+        assert no_finding == [14, pytest.approx(1 - best, abs=1e-4), 0, 0, 1, 1]
     # the COCO results load against a ground truth with the same image ids and original sizes
     from pycocotools.coco import COCO
 
@@ -220,6 +226,17 @@ def test_cli_with_a_real_checkpoint(tmp_path):
                     "annotations": [], "categories": coco_categories()}
     coco.createIndex()
     assert len(coco.loadRes(results).getAnnIds()) == len(results)
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    check_payload_is_live(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = malicious_checkpoint(tmp_path / "best.pth", marker)
+    image = tmp_path / "case.png"
+    cv2.imwrite(str(image), xray(64, 64, (10, 10, 30, 30), seed=0).astype(np.uint8))
+    with pytest.raises(BadInputError, match="best.pth.*refused"):
+        predict.main([str(image), "--checkpoint", str(evil), "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert not marker.exists() and not (tmp_path / "out" / "submission.csv").exists()
 
 
 def test_predict_script_help():

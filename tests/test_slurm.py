@@ -99,8 +99,7 @@ def slurm_test_profile(folder: Path, node_cpus: int) -> Path:
         if "mem_mb" in res:
             res["mem_mb"] = min(res["mem_mb"], 1500)
     gpu_rules = {rule for rule, res in profile["set-resources"].items() if res.get("gpu")}
-    assert {"pretrain", "linear_eval", "train_detector_torchvision", "train_detector_mmdet",
-            "heatmaps"} <= gpu_rules
+    assert {"pretrain", "linear_eval", "train_detector", "heatmaps"} <= gpu_rules
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return folder

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cxrssl.classes import VINDR_CLASSES, VINDR_NO_FINDING, VINDR_NO_FINDING_ID
+from cxrssl.config import load_config
 from cxrssl.data.split import run_split, split_vindr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,59 @@ def test_run_split_and_script(tmp_path):
                     "--seed", "7", "--log", tmp_path / "log.txt"], check=True, capture_output=True)
     assert (tmp_path / "a/split.csv").read_bytes() == (tmp_path / "b/split.csv").read_bytes()
     assert len(out) == 60
+
+
+def _kaggle_like(n_images: int, n_abnormal: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A Kaggle-layout table of ``n_images`` train-folder images, ``n_abnormal`` with boxes."""
+    rng = np.random.default_rng(seed)
+    ids = [f"k{i:05d}" for i in range(n_images)]
+    abnormal = set(rng.choice(n_images, n_abnormal, replace=False).tolist())
+    image_col, class_col = [], []
+    for i, image_id in enumerate(ids):
+        classes = sorted(set(rng.integers(0, 14, rng.integers(1, 4)).tolist())) if i in abnormal else [VINDR_NO_FINDING_ID]
+        image_col += [image_id] * len(classes)
+        class_col += classes
+    annotations = pd.DataFrame({"image_id": image_col, "class_id": class_col, "source_split": "train"})
+    return annotations, pd.DataFrame({"image_id": ids, "source_split": "train"})
+
+
+def test_paper_preset_is_the_original_protocol():
+    """config/paper.yaml: Kaggle train folder only, abnormal images only in every split, 70/15/15
+    (the original 659 / 660 val / test of 4,394), and both engines train on images with boxes only."""
+    paper = load_config(ROOT / "config" / "paper.yaml")
+    s = paper["vindr"]["split"]
+    assert paper["vindr"]["layout"] == "kaggle" and s["keep_no_finding"] is False
+    assert paper["detection"]["train_on_empty"] is False  # the one setting both engines read
+    annotations, metadata = _kaggle_like(15_000, 4_394)
+    out = split_vindr(annotations, metadata, "kaggle", s["val_fraction"], s["test_fraction"], s["keep_no_finding"],
+                      paper["seed"])
+    counts = out["split"].value_counts()
+    # iterative stratification balances labels first: sizes within 2 % of 659 and 660
+    assert abs(counts["val"] - 659) <= 13 and abs(counts["test"] - 660) <= 13 and counts.sum() == 4_394
+    boxed = set(annotations.loc[annotations["class_id"] != VINDR_NO_FINDING_ID, "image_id"])
+    assert set(out["image_id"]) == boxed  # abnormal-only train, val and test
+
+
+def test_full_preset_keeps_every_image_and_the_official_test_set():
+    full = load_config(ROOT / "config" / "full.yaml")
+    s = full["vindr"]["split"]
+    assert full["vindr"]["layout"] == "physionet" and s["keep_no_finding"] is True
+    assert full["detection"]["train_on_empty"] is True
+    annotations, metadata = make_dataset(n_train=200, n_test=40, no_finding_share=0.7)
+    out = as_dict(split_vindr(annotations, metadata, "physionet", s["val_fraction"], s["test_fraction"],
+                              s["keep_no_finding"], full["seed"]))
+    assert len(out) == 240 and sum(v == "test" for v in out.values()) == 40  # PhysioNet's test folder, whole
+    paper = load_config(ROOT / "config" / "paper.yaml")
+    same = ("pretrain", "linear_eval")
+    assert all(paper[k] == full[k] for k in same)  # the two presets differ in the protocol only
+    for key in ("lr", "epochs", "batch_size", "frozen_stages", "norm_eval", "inits", "resolutions"):
+        assert paper["detection"][key] == full["detection"][key], key
+
+
+def test_schema_says_what_the_defaults_are():
+    from cxrssl.config import load_schema, validate_config
+
+    text = load_schema()["description"]
+    assert "Defaults are the BarlowTwins-CXR paper's settings" not in text and "config/paper.yaml" in text
+    defaults = validate_config({})
+    assert defaults["vindr"]["split"]["keep_no_finding"] is True and defaults["detection"]["train_on_empty"] is True

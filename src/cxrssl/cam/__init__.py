@@ -8,9 +8,10 @@ from importlib import import_module
 
 _EXPORTS = {
     "FastAblationCAM": "ablation", "FPNReshape": "ablation", "fpn_reshape_transform": "ablation",
-    "top_channels": "ablation",
+    "top_channels": "ablation", "PaddingAwareCAM": "ablation", "PaddedEigenCAM": "ablation",
+    "PaddedAblationCAM": "ablation",
     "CamResult": "heatmaps", "compute_cam": "heatmaps", "library_ablation_cam": "heatmaps", "load_model": "heatmaps",
-    "make_panel": "heatmaps", "render_run": "heatmaps", "select_images": "heatmaps",
+    "make_panel": "heatmaps", "render_run": "heatmaps", "select_images": "heatmaps", "geometry_of": "heatmaps",
     "heatmap_name": "names", "n_heatmaps": "names",
 }
 __all__ = sorted(_EXPORTS)

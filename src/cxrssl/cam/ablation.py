@@ -6,14 +6,25 @@ for five 256-channel levels), one full RPN + ROI-head pass per channel: ~250 s p
 CPU. :class:`FastAblationCAM` keeps the library's scoring (``FasterRCNNBoxScoreTarget``), its
 ablation value and its weights ``(score - ablated score) / score``, and differs only in
 
-* which channels it ablates: the ``ratio`` share with the largest activation mass (a channel's
-  contribution to the map is weight x activation, so weak channels add little); the library's
-  ``ratio_channels_to_ablate`` instead ablates ``2 x ratio`` channels chosen by an EigenCAM mask
-  score, half of them the *least* relevant ones. Channels not ablated get weight 0 in both;
+* which channels it ablates: the ``ceil(ratio x C)`` channels with the largest activation mass
+  ``sum |A_k|`` (a channel's contribution to the map is weight x activation, so weak channels add
+  little). The library's ``ratio_channels_to_ablate=r`` (``AblationLayer.activations_to_be_ablated``)
+  instead binarises the first principal component of the activations (EigenCAM's projection,
+  threshold 0.01 of its range), scores each channel by the share of its min-max-normalised |A_k|
+  inside that mask, and ablates the ``floor(r x C)`` highest- *and* the ``floor(r x C)`` lowest-scoring
+  channels: ``2 r`` of them, half chosen as the least relevant. Channels not ablated get weight 0 in
+  both. ``benchmarks/heatmaps.py`` measures how close the fast map comes to the full ablation
+  (ratio 1, every channel) at a given ratio;
 * running the ablated copies under ``torch.inference_mode`` and reusing the first forward pass
   (the library runs it twice).
 
 With ``ratio=1`` it ablates every channel and gives the library's map (checked in the tests).
+
+Padding (:class:`PaddingAwareCAM`): a detector resizes an image and pads it to a multiple of 32, so
+its feature maps cover the padded canvas. grad-cam stretches the whole feature grid over the input
+image, which shifts a non-square image's map towards the padded side (up to the padding's share of
+the image, e.g. 6 of 32 rows). The CAMs here stretch the grid over the padded extent instead and
+crop it to the image, given the model's ``input_geometry`` (resized and padded sizes).
 
 It is engine-agnostic: the target layer is any module path; an FPN target may return an
 OrderedDict of feature maps with any keys and channel counts (torchvision's "0".."3","pool" or an
@@ -29,7 +40,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from pytorch_grad_cam import AblationCAM
+from pytorch_grad_cam import AblationCAM, EigenCAM
 from pytorch_grad_cam.ablation_layer import AblationLayer
 from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
 
@@ -118,7 +129,35 @@ class FPNAblationLayer(TopChannelAblationLayer):
         return result
 
 
-class FastAblationCAM(AblationCAM):
+class PaddingAwareCAM:
+    """Mixin for grad-cam CAM classes: maps the feature grid onto the padded canvas and crops it to
+    the image (see the module docstring). ``geometry`` is the model's ``input_geometry(h, w)``
+    result for the current input, (resized h, w, padded h, w); None keeps the library's behaviour."""
+
+    geometry: tuple[int, int, int, int] | None = None
+
+    def get_target_width_height(self, input_tensor):
+        height, width = input_tensor.shape[-2:]
+        if not self.geometry:
+            return width, height
+        rh, rw, ph, pw = self.geometry
+        return max(width, round(width * pw / rw)), max(height, round(height * ph / rh))
+
+    def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
+        cams = super().compute_cam_per_layer(input_tensor, targets, eigen_smooth)
+        height, width = input_tensor.shape[-2:]
+        return [cam[..., :height, :width] for cam in cams]
+
+
+class PaddedEigenCAM(PaddingAwareCAM, EigenCAM):
+    """grad-cam's EigenCAM with the padding correction."""
+
+
+class PaddedAblationCAM(PaddingAwareCAM, AblationCAM):
+    """grad-cam's AblationCAM with the padding correction (the reference of the fast path)."""
+
+
+class FastAblationCAM(PaddingAwareCAM, AblationCAM):
     """AblationCAM that ablates the ``ratio`` most activated channels (see the module docstring)."""
 
     def __init__(self, model, target_layers, reshape_transform=None, ablation_layer=None,

@@ -4,7 +4,13 @@ GT boxes (green) and the explained predictions (red), and a side-by-side panel a
 The explained predictions are those scoring at least ``score_thr``, or the ``top_k`` best when none
 does; the CAM target is the library's ``FasterRCNNBoxScoreTarget`` on them (sum of IoU + score of
 the matching detections). An image without any prediction cannot be explained by ablation (the
-target score is 0): it falls back to EigenCAM and says so in the title and the manifest.
+target score is 0): it falls back to EigenCAM and says so in the title and the manifest. Maps are
+corrected for the detector's padding to 32 (:class:`cxrssl.cam.ablation.PaddingAwareCAM`).
+
+Each run also scores its maps against the GT boxes (:mod:`cxrssl.evaluation.localization`: share
+of heat inside the boxes, pointing game, IoU/Dice, CNR) on the drawn images plus, up to
+``n_scored``, further test images with boxes, and writes ``localization.json`` (per image and the
+means with bootstrap intervals over images).
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cxrssl.cam.ablation import FastAblationCAM, FPNReshape
+from cxrssl.cam.ablation import FastAblationCAM, FPNReshape, PaddedAblationCAM, PaddedEigenCAM
 from cxrssl.cam.names import heatmap_name
 from cxrssl.errors import BadInputError
+from cxrssl.evaluation.localization import score_heatmap, summarize_scores
 from cxrssl.io import atomic_savefig, atomic_write_json
 from cxrssl.utils import pick_device, progress_disabled
 
@@ -36,25 +43,22 @@ ENGINES = ("torchvision", "mmdet")
 
 # --- models ---------------------------------------------------------------------------------------
 
-def load_model(engine: str, checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """A trained detector in eval mode that follows the CAM protocol, and its meta dict.
+def load_model(engine: str | None, checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """A trained detector of any engine in eval mode (:func:`cxrssl.detection.engines.load_detector`:
+    torchvision-like answers, ``.backbone`` returning the FPN levels) and its meta. ``engine``, when
+    given, must be the checkpoint's."""
+    from cxrssl.detection.engines import load_detector
 
-    ``torchvision``: :func:`cxrssl.detection.model.load_trained_detector`. ``mmdet``:
-    ``cxrssl.detection.mmdet_engine.load_cam_model`` (a wrapper taking a batch of (3, H, W) images
-    in [0, 1], returning torchvision-style dicts, with ``.backbone`` returning the FPN levels).
-    """
-    if engine == "torchvision":
-        from cxrssl.detection.model import load_trained_detector
-
-        loaded = load_trained_detector(checkpoint, device)
-    elif engine == "mmdet":
-        from cxrssl.detection.mmdet_engine import load_cam_model
-
-        loaded = load_cam_model(checkpoint, device)
-    else:
-        raise ValueError(f"unknown detection engine {engine!r}; expected one of {ENGINES}")
-    model, meta = loaded if isinstance(loaded, tuple) else (loaded, {})
+    model, meta = load_detector(checkpoint, device)
+    if engine is not None and meta["engine"] != engine:
+        raise ValueError(f"{checkpoint} is a {meta['engine']} checkpoint, not {engine}'s")
     return model.eval(), dict(meta)
+
+
+def geometry_of(model: nn.Module, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """(resized h, w, padded h, w) of an input inside ``model`` when it says (``input_geometry``)."""
+    geometry = getattr(model, "input_geometry", None)
+    return tuple(geometry(height, width)) if callable(geometry) else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,7 +128,6 @@ def compute_cam(model: nn.Module, image: torch.Tensor, method: str = "ablation",
     ``min_grid``: FPN targets are summed on the coarsest level with at least that many cells on its
     short side (0: the coarsest level, as the library does); see :class:`FPNReshape`.
     """
-    from pytorch_grad_cam import EigenCAM
     from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
 
     if method not in METHODS:
@@ -141,17 +144,20 @@ def compute_cam(model: nn.Module, image: torch.Tensor, method: str = "ablation",
     note, used, n_ablated = "", method, 0
     if method == "ablation" and len(boxes) == 0:
         note, used = "no prediction to explain: EigenCAM instead", "eigen"
+    geometry = geometry_of(model, *image.shape[-2:])
     with torch.inference_mode():
         if used == "ablation":
             cam_obj = FastAblationCAM(model, [layer], reshape_transform=reshape, batch_size=batch_size,
                                       ratio_channels_to_ablate=ratio)
+            cam_obj.geometry = geometry
             try:
                 cam = cam_obj(batch, targets=[target])[0]
                 n_ablated = cam_obj.n_channels_ablated
             finally:
                 cam_obj.release()
         else:
-            cam_obj = EigenCAM(model, [layer], reshape_transform=reshape)
+            cam_obj = PaddedEigenCAM(model, [layer], reshape_transform=reshape)
+            cam_obj.geometry = geometry
             try:
                 cam = cam_obj(batch, targets=[target])[0]
             finally:
@@ -164,16 +170,18 @@ def library_ablation_cam(model: nn.Module, image: torch.Tensor, boxes: np.ndarra
                          batch_size: int = 32, ratio: float = 1.0, reshape_transform=None) -> np.ndarray:
     """The library's own Ablation-CAM recipe for a torchvision Faster R-CNN (its tutorial defaults:
     ``model.backbone``, every channel ablated, the coarsest FPN level as grid unless another
-    ``reshape_transform`` is given); the reference the fast path is measured against."""
-    from pytorch_grad_cam import AblationCAM
+    ``reshape_transform`` is given); the reference the fast path is measured against. It gets the
+    same padding correction as the fast path, so the two differ only in the channels ablated."""
     from pytorch_grad_cam.ablation_layer import AblationLayerFasterRCNN
     from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
     from pytorch_grad_cam.utils.reshape_transforms import fasterrcnn_reshape_transform
 
     device = next(model.parameters()).device
-    cam_obj = AblationCAM(model, [model.backbone], reshape_transform=reshape_transform or fasterrcnn_reshape_transform,
-                          ablation_layer=AblationLayerFasterRCNN(), batch_size=batch_size,
-                          ratio_channels_to_ablate=ratio)
+    cam_obj = PaddedAblationCAM(model, [model.backbone],
+                                reshape_transform=reshape_transform or fasterrcnn_reshape_transform,
+                                ablation_layer=AblationLayerFasterRCNN(), batch_size=batch_size,
+                                ratio_channels_to_ablate=ratio)
+    cam_obj.geometry = geometry_of(model, *image.shape[-2:])
     try:
         cam = cam_obj(image.unsqueeze(0).to(device),
                       targets=[FasterRCNNBoxScoreTarget(labels=list(labels), bounding_boxes=boxes)])[0]
@@ -231,9 +239,25 @@ def draw_heatmap(ax, grey: np.ndarray, cam: np.ndarray, gt_boxes, gt_names, pred
     ax.axis("off")
 
 
-def render_run(engine: str, checkpoint: str | Path, coco_json: str | Path, out_dir: str | Path,
-               settings: Mapping[str, Any], label: str = "") -> dict:
-    """Heatmaps of one detection run: ``heatmap_XX.png`` per image and ``heatmaps.json`` in ``out_dir``."""
+def _xyxy(anns: list[dict]) -> list[tuple[float, float, float, float]]:
+    return [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]) for a in anns]
+
+
+def scored_images(coco: dict, drawn: Sequence[dict], n_scored: int) -> list[dict]:
+    """The drawn images, then more test images with boxes (most boxes first, by id) up to ``n_scored``."""
+    with_boxes = {a["image_id"] for a in coco["annotations"]}
+    chosen = list(drawn)
+    if n_scored > len(chosen):
+        seen = {im["id"] for im in chosen}
+        extra = [im for im in select_images(coco, len(coco["images"])) if im["id"] in with_boxes and im["id"] not in seen]
+        chosen += extra[: n_scored - len(chosen)]
+    return chosen
+
+
+def render_run(engine: str | None, checkpoint: str | Path, coco_json: str | Path, out_dir: str | Path,
+               settings: Mapping[str, Any], label: str = "", seed: int = 0) -> dict:
+    """Heatmaps of one detection run: ``heatmap_XX.png`` per drawn image, ``heatmaps.json`` and the
+    localisation scores ``localization.json`` (bootstrap ``seed``) in ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,16 +269,18 @@ def render_run(engine: str, checkpoint: str | Path, coco_json: str | Path, out_d
     coco = json.loads(coco_json.read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}
     selected = select_images(coco, int(settings["n_images"]), settings.get("images") or ())
+    scored = scored_images(coco, selected, int(settings.get("n_scored", 0)))
     device = resolve_device(settings.get("device", "auto"))
     model, meta = load_model(engine, checkpoint, device)
-    log.info("heatmaps of %s (%s) on %s: %d images, method %s, layer %s, ratio %.3g, batch %d",
-             checkpoint, engine, device, len(selected), settings["method"], settings["target_layer"],
-             settings["ratio_channels_to_ablate"], settings["batch_size"])
+    log.info("heatmaps of %s (%s) on %s: %d images drawn, %d scored, method %s, layer %s, ratio %.3g, batch %d",
+             checkpoint, meta["engine"], device, len(selected), len(scored), settings["method"],
+             settings["target_layer"], settings["ratio_channels_to_ablate"], settings["batch_size"])
     gt_by_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         gt_by_image.setdefault(ann["image_id"], []).append(ann)
-    entries = []
-    for index, image in enumerate(tqdm(selected, desc="heatmaps", disable=progress_disabled())):
+    entries, scores = [], []
+    threshold = float(settings.get("loc_threshold", 0.5))
+    for index, image in enumerate(tqdm(scored, desc="heatmaps", disable=progress_disabled())):
         path = coco_json.parent / image["file_name"]
         grey = read_grey_image(path)
         if (grey.shape[0], grey.shape[1]) != (image.get("height", grey.shape[0]), image.get("width", grey.shape[1])):
@@ -265,7 +291,13 @@ def render_run(engine: str, checkpoint: str | Path, coco_json: str | Path, out_d
                              batch_size=settings["batch_size"], score_thr=settings["score_thr"],
                              top_k=settings["top_k"], min_grid=settings["min_grid"])
         gts = gt_by_image.get(image["id"], [])
-        gt_boxes = [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]) for a in gts]
+        gt_boxes = _xyxy(gts)
+        score = score_heatmap(result.cam, gt_boxes, threshold=threshold)
+        if score is not None:
+            scores.append({"image_id": image["id"], "key": image_key(image), "n_gt_boxes": len(gts),
+                           "method": result.method, "drawn": index < len(selected), **score})
+        if index >= len(selected):
+            continue
         title = f"{label + ' | ' if label else ''}{image_key(image)} | {result.method}"
         if result.note:
             title += f"\n({result.note})"
@@ -285,11 +317,17 @@ def render_run(engine: str, checkpoint: str | Path, coco_json: str | Path, out_d
             "explained": [{"category_id": int(c), "name": names.get(int(c), str(c)), "score": float(s),
                            "box_xyxy": [float(v) for v in b]}
                           for b, c, s in zip(result.boxes, result.labels, result.scores)],
+            "localization": score,
         })
-    manifest = {"engine": engine, "checkpoint": str(checkpoint), "label": label, "device": str(device),
+    manifest = {"engine": meta["engine"], "checkpoint": str(checkpoint), "label": label, "device": str(device),
                 "settings": dict(settings), "meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))},
                 "images": entries}
     atomic_write_json(manifest, out_dir / "heatmaps.json")
+    localization = {"engine": meta["engine"], "checkpoint": str(checkpoint), "label": label,
+                    "method": settings["method"], "threshold": threshold, "n_images": len(scores),
+                    "summary": summarize_scores(scores, int(settings.get("loc_bootstrap", 1000)), seed),
+                    "images": scores}
+    atomic_write_json(localization, out_dir / "localization.json")
     return manifest
 
 

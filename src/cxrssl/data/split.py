@@ -8,6 +8,13 @@ labelled test set, so one is carved out of its training images first (stratified
 Only images that were converted (listed in VINDR_METADATA) and that have annotation rows are split.
 The split depends on annotations, metadata and the ``vindr.split`` settings only, never on fusion
 settings, so retuning WBF does not reshuffle the images.
+
+``keep_no_finding`` decides which images the protocol uses at all, in every split alike: true keeps
+them all (the fuller protocol, config/full.yaml); false keeps the abnormal images only, those that at
+least one reader gave a box (the original study's protocol, config/paper.yaml: 4,394 of Kaggle's
+15,000, so that ``val_fraction = test_fraction = 0.15`` give its 659 / 660 val / test images).
+The fractions are shares of the images kept. Whether the detectors then train on the kept images
+without boxes is a detection setting (``detection.train_on_empty``), read by both engines.
 """
 
 from __future__ import annotations
@@ -78,10 +85,10 @@ def split_vindr(
 ) -> pd.DataFrame:
     """Assign each usable image to ``train``, ``val`` or ``test``; returns ``[image_id, split]``.
 
-    ``val_fraction`` and (Kaggle only) ``test_fraction`` are shares of all labelled training-folder
-    images, so the defaults 0.1/0.1 give 80/10/10 on Kaggle. ``keep_no_finding=False`` drops
-    images without any box from every split. Same inputs and seed give the same split regardless
-    of row order.
+    ``val_fraction`` and (Kaggle only) ``test_fraction`` are shares of the kept labelled
+    training-folder images, so the defaults 0.1/0.1 give 80/10/10 on Kaggle. ``keep_no_finding=False``
+    keeps only the images with a box from any reader, in every split (PhysioNet's official test set
+    included). Same inputs and seed give the same split regardless of row order.
     """
     if layout not in ("physionet", "kaggle"):
         raise ValueError(f"unknown VinDr layout {layout!r}; expected physionet or kaggle")
@@ -123,7 +130,8 @@ def split_vindr(
     has_box = labels[:, :VINDR_NO_FINDING_ID].any(axis=1)
     keep = np.ones(len(image_ids), dtype=bool) if keep_no_finding else has_box
     if not keep_no_finding:
-        log.info("keep_no_finding=false: dropping %d image(s) without any box", int((~has_box).sum()))
+        log.info("keep_no_finding=false: %d abnormal image(s) kept, %d without any box dropped from every split",
+                 int(has_box.sum()), int((~has_box).sum()))
     image_ids = [i for i, k in zip(image_ids, keep) if k]
     labels = labels[keep]
     source = np.array([folder[i] for i in image_ids])

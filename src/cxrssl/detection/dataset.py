@@ -1,9 +1,15 @@
 """The VinDr COCO JSON (``coco_{split}.json``) as a torchvision-detection dataset.
 
 ``file_name`` is relative to the JSON's folder; boxes are COCO ``[x, y, w, h]`` in the pixels of
-the converted PNG and become xyxy tensors; the label is the COCO category id (1..14). Images
-without boxes stay in (Faster R-CNN learns background from them). The JSON is checked up front so a
-bad file stops with the annotation or image it concerns, not deep inside a training loop.
+the converted PNG and become xyxy tensors; the label is the COCO category id (1..14). The JSON is
+checked up front so a bad file stops with the annotation or image it concerns, not deep inside a
+training loop.
+
+Which images a training set holds is :func:`training_image_ids`, the rule of mmdet's
+``filter_cfg`` (``filter_empty_gt``, ``min_size``), so both engines train on the same images:
+``detection.train_on_empty`` keeps or drops the images without boxes (the paper's mmdet 2.x config
+dropped them), and images whose short side is below :data:`TRAIN_MIN_SIZE` are never trained on.
+Val and test sets keep every image.
 
 Augmentation randomness is a function of ``(seed, epoch, index)`` only, so a run resumed from a
 checkpoint, or read by any number of workers or ranks, sees the same flips.
@@ -24,6 +30,16 @@ from cxrssl.errors import BadInputError
 
 #: Boxes may overhang the image by this many pixels (rounding in the conversion) before it is an error.
 BOX_TOLERANCE = 1.0
+#: Training images need a short side of at least this many pixels (mmdet's filter_cfg min_size).
+TRAIN_MIN_SIZE = 32
+
+
+def training_image_ids(coco: dict, train_on_empty: bool, min_size: int = TRAIN_MIN_SIZE) -> list[int]:
+    """COCO ids of the images a training set uses, in id order (mmdet's ``filter_data`` rule)."""
+    with_boxes = {int(a["image_id"]) for a in coco["annotations"]}
+    return sorted(int(im["id"]) for im in coco["images"]
+                  if (train_on_empty or int(im["id"]) in with_boxes)
+                  and min(int(im["width"]), int(im["height"])) >= min_size)
 
 
 def load_coco(path: str | Path) -> dict:
@@ -76,11 +92,25 @@ def load_coco(path: str | Path) -> dict:
     return data
 
 
+def input_format(json_path: str | Path) -> tuple[int, int]:
+    """Longest side and bit depth of a split's PNGs (prediction converts new images the same way)."""
+    json_path = Path(json_path)
+    images = json.loads(json_path.read_text())["images"]
+    if not images:
+        raise BadInputError(str(json_path), "no images")
+    size = max(max(int(im["width"]), int(im["height"])) for im in images)
+    dtype = read_grey_image(json_path.parent / images[0]["file_name"]).dtype
+    return size, 16 if dtype == np.uint16 else 8
+
+
 class CocoDetection(Dataset):
     """Items are ``(image (3,H,W) float in [0,1], target dict)`` with xyxy ``boxes``, ``labels``
     (COCO category ids) and ``image_id`` (the COCO id), as torchvision detection models expect."""
 
-    def __init__(self, json_path: str | Path, hflip_prob: float = 0.0, seed: int = 0):
+    def __init__(self, json_path: str | Path, hflip_prob: float = 0.0, seed: int = 0,
+                 train_on_empty: bool | None = None):
+        """``train_on_empty`` None keeps every image (val/test); True/False makes it a training set
+        (:func:`training_image_ids`)."""
         self.json_path = Path(json_path)
         self.root = self.json_path.parent
         self.coco = load_coco(self.json_path)
@@ -88,9 +118,13 @@ class CocoDetection(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.images = sorted(self.coco["images"], key=lambda im: int(im["id"]))
+        if train_on_empty is not None:
+            keep = set(training_image_ids(self.coco, train_on_empty))
+            self.images = [im for im in self.images if int(im["id"]) in keep]
         boxes: dict[int, list] = {int(im["id"]): [] for im in self.images}
         for ann in sorted(self.coco["annotations"], key=lambda a: (a["image_id"], a.get("id", 0))):
-            boxes[int(ann["image_id"])].append(ann)
+            if int(ann["image_id"]) in boxes:
+                boxes[int(ann["image_id"])].append(ann)
         self._anns = boxes
 
     def __len__(self) -> int:

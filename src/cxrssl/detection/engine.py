@@ -1,48 +1,25 @@
-"""One training epoch, inference to COCO results, and the COCO mAP50 used to select checkpoints."""
+"""One training epoch, inference to COCO results, and the COCO mAP50 used to select checkpoints.
+
+Precision is the model's own (:func:`cxrssl.detection.model.set_precision`: bf16 backbone + FPN,
+fp32 heads), so training and prediction run the same way; nothing here wraps the model in autocast.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from cxrssl.detection.schedule import WarmupCosine  # noqa: F401  (re-exported: the engine's schedule)
 from cxrssl.utils import progress_disabled
 
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
-#: mmdet's linear warm-up starts at this fraction of the base LR.
-WARMUP_START_FACTOR = 0.001
-
-
-class WarmupCosine:
-    """LR factor per iteration: linear warm-up from 0.001 x lr to lr over ``warmup_iters``, then
-    cosine from lr to ``min_lr`` at ``total_iters`` (a callable object so LambdaLR can save it)."""
-
-    def __init__(self, lr: float, min_lr: float, warmup_iters: int, total_iters: int):
-        self.lr, self.min_lr = float(lr), float(min_lr)
-        self.warmup_iters, self.total_iters = int(warmup_iters), int(total_iters)
-
-    def __call__(self, it: int) -> float:
-        if it < self.warmup_iters:
-            return WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * it / self.warmup_iters
-        span = max(self.total_iters - self.warmup_iters, 1)
-        progress = min((it - self.warmup_iters) / span, 1.0)
-        value = self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-        return value / self.lr
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when ``amp``; nothing on CPU (bf16 on CPU is slow and not the paper's)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _to_device(images, targets, device):
@@ -63,7 +40,7 @@ def _reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, epoch: int,
-                    amp: bool = False, show_progress: bool = True, grad_clip: float = 0.0) -> list[dict]:
+                    show_progress: bool = True, grad_clip: float = 0.0) -> list[dict]:
     """Train for one pass over ``loader``, stepping the LR every iteration; one log row per iteration
     (``epoch`` is the 1-based epoch number; ``iter`` counts iterations done, as mmdet's log).
     ``grad_clip`` > 0 caps the global gradient norm of each step."""
@@ -73,8 +50,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     for images, targets in bar:
         images, targets = _to_device(images, targets, device)
         lr = optimizer.param_groups[0]["lr"]
-        with autocast(device, amp):
-            losses = model(images, targets)
+        losses = model(images, targets)
         loss = sum(losses[k] for k in LOSS_KEYS)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -98,16 +74,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 
 
 @torch.no_grad()
-def predict_coco(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False,
-                 score_thr: float = 0.0, desc: str = "predict", show_progress: bool = True) -> list[dict]:
+def predict_coco(model: nn.Module, loader: Iterable, device: torch.device, score_thr: float = 0.0, desc: str = "predict", show_progress: bool = True) -> list[dict]:
     """COCO results (``image_id, category_id, bbox [x, y, w, h], score``) in the pixels of the images
     the loader yields; labels are COCO category ids, at most the model's detections per image."""
     model.eval()
     results = []
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=progress_disabled() or not show_progress):
         images = [im.to(device, non_blocking=True) for im in images]
-        with autocast(device, amp):
-            outputs = model(images)
+        outputs = model(images)
         for target, out in zip(targets, outputs):
             boxes = out["boxes"].float().cpu()
             scores = out["scores"].float().cpu()
@@ -153,7 +127,7 @@ def coco_map50(coco_gt: dict, results: list[dict]) -> float:
 
 
 def evaluate_map50(model: nn.Module, loader: Iterable, coco_gt: dict, device: torch.device,
-                   amp: bool = False, score_thr: float = 0.0) -> tuple[float, list[dict]]:
+                   score_thr: float = 0.0) -> tuple[float, list[dict]]:
     """Predict ``loader`` and score it against ``coco_gt``; returns (mAP50, results)."""
-    results = predict_coco(model, loader, device, amp=amp, score_thr=score_thr, desc="val")
+    results = predict_coco(model, loader, device, score_thr=score_thr, desc="val")
     return coco_map50(coco_gt, results), results

@@ -3,8 +3,10 @@
 It is the paper's mmdetection Faster R-CNN R50-FPN setup (REFERENCE.md, phase 2) with the values
 taken from the ``detection`` config section:
 
-* SGD (lr, momentum, weight decay), ``warmup_iters`` of linear warm-up from 0.001 x lr, then cosine
-  annealing per iteration down to ``min_lr`` over ``epochs``; the best checkpoint by val bbox mAP50.
+* SGD (lr, momentum, weight decay); the learning rate of :class:`cxrssl.detection.schedule.WarmupCosine`
+  (the paper's: cosine per epoch down to ``min_lr``, ``warmup_iters`` of linear warm-up from 0.001 x
+  lr) through the engine's registered ``CxrsslWarmupCosineLR`` scheduler, so both engines step the
+  same rates; the best epoch by val bbox mAP50 (kept by the engine, not by mmengine checkpoints).
 * Resize to ``(res, res)`` keeping the aspect ratio (longest side ``res``), horizontal flip
   ``hflip``, ImageNet mean/std (BGR -> RGB), pad to a multiple of 32.
 * ResNet ``frozen_stages`` and ``norm_eval`` for pretrained backbones (``init_cfg`` Pretrained loads
@@ -16,7 +18,14 @@ taken from the ``detection`` config section:
 * The class table is :data:`cxrssl.classes.VINDR_CLASSES` as dataset ``metainfo``; the engine checks
   the COCO JSON categories against it before training (mmdet maps categories by *name*; a spelling
   difference silently drops a class, which is what happened in the original study).
-* Training images without boxes are skipped as in the paper's config; val/test keep every image.
+* Training images: mmdet's ``filter_cfg`` with ``filter_empty_gt = not train_on_empty`` and
+  ``min_size`` :data:`cxrssl.detection.dataset.TRAIN_MIN_SIZE`, the rule the torchvision engine
+  applies too (:func:`cxrssl.detection.dataset.training_image_ids`); val/test keep every image.
+* ``rpn_proposals`` is the RPN's ``max_per_img`` in training and testing, ``rois_per_image`` the RoI
+  sampler's ``num``: the same numbers the torchvision engine uses.
+* Precision: the detector type is the engine's ``CxrsslFasterRCNN`` (mmdet's FasterRCNN whose
+  backbone + neck run under bf16 autocast on ``autocast_device``, the heads in fp32), as the
+  torchvision engine; the optimizer wrapper is a plain ``OptimWrapper`` (bf16 needs no loss scale).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrssl.classes import VINDR_CLASSES
+from cxrssl.detection.dataset import TRAIN_MIN_SIZE
 
 #: mmdet ResNet depth and FPN input widths per backbone arch.
 RESNET_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
@@ -36,19 +46,23 @@ FPN_IN_CHANNELS = {
 }
 IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]
 IMAGENET_STD_255 = [58.395, 57.12, 57.375]
-WARMUP_START_FACTOR = 0.001  # mmdet's default warmup_ratio, as in the paper's config
 BEST_METRIC = "coco/bbox_mAP_50"
 GROUPNORM_GROUPS = 32
-#: Settings of the ``detection`` section that select runs rather than configure one.
-RUN_SELECTORS = ("engine", "engines", "inits", "resolutions")
+#: Types the engine registers (cxrssl.detection.mmdet_engine): mixed-precision detector, LR schedule.
+DETECTOR_TYPE = "CxrsslFasterRCNN"
+SCHEDULER_TYPE = "CxrsslWarmupCosineLR"
 
 
 def backbone_cfg(arch: str, checkpoint: str | None, frozen_stages: int, norm_eval: bool,
-                 random_init_norm: str) -> dict[str, Any]:
-    """mmdet ResNet settings; ``checkpoint`` None means random initialisation."""
+                 random_init_norm: str, pretrained: bool | None = None) -> dict[str, Any]:
+    """mmdet ResNet settings. ``pretrained`` (default: a ``checkpoint`` is given) selects the
+    pretrained arm's architecture; ``checkpoint`` None with ``pretrained`` rebuilds that arm without
+    loading any weights (a trained checkpoint follows)."""
     if arch not in RESNET_DEPTH:
         raise ValueError(f"unknown arch {arch!r}; expected one of {tuple(RESNET_DEPTH)}")
-    if checkpoint is None:
+    if pretrained is None:
+        pretrained = checkpoint is not None
+    if not pretrained:
         if random_init_norm == "groupnorm":
             norm_cfg = dict(type="GN", num_groups=GROUPNORM_GROUPS, requires_grad=True)
         elif random_init_norm == "batchnorm":
@@ -59,7 +73,7 @@ def backbone_cfg(arch: str, checkpoint: str | None, frozen_stages: int, norm_eva
     else:
         norm_cfg = dict(type="BN", requires_grad=True)
         frozen, neval = int(frozen_stages), bool(norm_eval)
-        init_cfg = dict(type="Pretrained", checkpoint=str(checkpoint))
+        init_cfg = dict(type="Pretrained", checkpoint=str(checkpoint)) if checkpoint is not None else None
     return dict(
         type="ResNet",
         depth=RESNET_DEPTH[arch],
@@ -73,10 +87,14 @@ def backbone_cfg(arch: str, checkpoint: str | None, frozen_stages: int, norm_eva
     )
 
 
-def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Faster R-CNN R-FPN as mmdet's ``faster-rcnn_r50_fpn.py`` with 14 classes."""
+def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any], pretrained: bool | None = None,
+              autocast_device: str | None = None) -> dict[str, Any]:
+    """Faster R-CNN R-FPN as mmdet's ``faster-rcnn_r50_fpn.py`` with 14 classes (plain data: the
+    engine rebuilds a trained network from this and a checkpoint's JSON meta)."""
+    proposals, rois = int(params["rpn_proposals"]), int(params["rois_per_image"])
     return dict(
-        type="FasterRCNN",
+        type=DETECTOR_TYPE,
+        autocast_device=autocast_device,
         data_preprocessor=dict(
             type="DetDataPreprocessor",
             mean=IMAGENET_MEAN_255,
@@ -85,7 +103,7 @@ def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any]) -> d
             pad_size_divisor=32,
         ),
         backbone=backbone_cfg(arch, checkpoint, params["frozen_stages"], params["norm_eval"],
-                              params["random_init_norm"]),
+                              params["random_init_norm"], pretrained),
         neck=dict(type="FPN", in_channels=FPN_IN_CHANNELS[arch], out_channels=256, num_outs=5),
         rpn_head=dict(
             type="RPNHead",
@@ -128,19 +146,19 @@ def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any]) -> d
                 pos_weight=-1,
                 debug=False,
             ),
-            rpn_proposal=dict(nms_pre=2000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
+            rpn_proposal=dict(nms_pre=2000, max_per_img=proposals, nms=dict(type="nms", iou_threshold=0.7),
                               min_bbox_size=0),
             rcnn=dict(
                 assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5,
                               match_low_quality=False, ignore_iof_thr=-1),
-                sampler=dict(type="RandomSampler", num=512, pos_fraction=0.25, neg_pos_ub=-1,
+                sampler=dict(type="RandomSampler", num=rois, pos_fraction=0.25, neg_pos_ub=-1,
                              add_gt_as_proposals=True),
                 pos_weight=-1,
                 debug=False,
             ),
         ),
         test_cfg=dict(
-            rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+            rpn=dict(nms_pre=1000, max_per_img=proposals, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
             # score_thr low (0.001) so mAP sees the whole precision-recall curve; 100 boxes per image.
             rcnn=dict(score_thr=float(params["score_thr"]), nms=dict(type="nms", iou_threshold=0.5),
                       max_per_img=100),
@@ -148,7 +166,7 @@ def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any]) -> d
     )
 
 
-def _dataset(json_path: Path, pipeline: list, train: bool) -> dict[str, Any]:
+def _dataset(json_path: Path, pipeline: list, train: bool, train_on_empty: bool = True) -> dict[str, Any]:
     # file_name in the pipeline's COCO JSON is relative to the JSON's folder.
     return dict(
         type="CocoDataset",
@@ -156,7 +174,7 @@ def _dataset(json_path: Path, pipeline: list, train: bool) -> dict[str, Any]:
         ann_file=json_path.name,
         data_prefix=dict(img=""),
         metainfo=dict(classes=tuple(VINDR_CLASSES)),
-        filter_cfg=dict(filter_empty_gt=train, min_size=32 if train else 0),
+        filter_cfg=dict(filter_empty_gt=train and not train_on_empty, min_size=TRAIN_MIN_SIZE if train else 0),
         test_mode=not train,
         pipeline=pipeline,
         backend_args=None,
@@ -180,14 +198,17 @@ def _loader(dataset: dict, batch_size: int, workers: int, train: bool) -> dict[s
 
 def build_config(params: Mapping[str, Any], *, train_json: str | Path, val_json: str | Path,
                  test_json: str | Path, work_dir: str | Path, res: int, backbone_checkpoint: str | None,
-                 seed: int, use_amp: bool = False, predictions_prefix: str | Path | None = None,
+                 seed: int, device_type: str = "cpu", predictions_prefix: str | Path | None = None,
                  log_interval: int = 50) -> dict[str, Any]:
     """Full mmengine Runner config for one detection run.
 
     ``params`` is the ``detection`` config section (schema keys). ``backbone_checkpoint`` is the
     backbone's init: None (random) or a torchvision-format ResNet state dict path/URL.
+    ``device_type`` is where it trains (bf16 autocast of the backbone on ``cuda`` when ``amp``).
     ``predictions_prefix``: where the test run writes ``<prefix>.bbox.json`` (COCO results).
     """
+    from cxrssl.detection.model import autocast_device_for  # the policy both engines follow
+
     train_json, val_json, test_json = Path(train_json), Path(val_json), Path(test_json)
     work_dir = Path(work_dir)
     prefix = Path(predictions_prefix) if predictions_prefix else work_dir / "test_predictions"
@@ -210,24 +231,22 @@ def build_config(params: Mapping[str, Any], *, train_json: str | Path, val_json:
 
     optimizer = dict(type="SGD", lr=float(params["lr"]), momentum=float(params["momentum"]),
                      weight_decay=float(params["weight_decay"]))
-    if use_amp:
-        optim_wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16", optimizer=optimizer)
-    else:
-        optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer)
+    optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer)
     if float(params.get("grad_clip", 0) or 0) > 0:
         optim_wrapper["clip_grad"] = dict(max_norm=float(params["grad_clip"]), norm_type=2)
-    schedulers = []
-    if int(params["warmup_iters"]) > 0:
-        schedulers.append(dict(type="LinearLR", start_factor=WARMUP_START_FACTOR, by_epoch=False, begin=0,
-                               end=int(params["warmup_iters"])))
-    schedulers.append(dict(type="CosineAnnealingLR", eta_min=float(params["min_lr"]), begin=0, end=epochs,
-                           T_max=epochs, by_epoch=True, convert_to_iter_based=True))
+    # One scheduler for warm-up and cosine: the closed form of cxrssl.detection.schedule, per iteration
+    # (epoch-based in the config so that mmengine hands it the epoch length).
+    schedulers = [dict(type=SCHEDULER_TYPE, lr=float(params["lr"]), min_lr=float(params["min_lr"]),
+                       warmup_iters=int(params["warmup_iters"]), epochs=epochs, begin=0, end=epochs,
+                       by_epoch=True, convert_to_iter_based=True)]
+    autocast = autocast_device_for(device_type, bool(params["amp"]))
 
     return dict(
         default_scope="mmdet",
         work_dir=str(work_dir),
-        model=model_cfg(params["arch"], backbone_checkpoint, params),
-        train_dataloader=_loader(_dataset(train_json, train_pipeline, train=True), batch, workers, train=True),
+        model=model_cfg(params["arch"], backbone_checkpoint, params, autocast_device=autocast),
+        train_dataloader=_loader(_dataset(train_json, train_pipeline, train=True,
+                                          train_on_empty=bool(params["train_on_empty"])), batch, workers, train=True),
         val_dataloader=_loader(_dataset(val_json, test_pipeline, train=False), 1, workers, train=False),
         test_dataloader=_loader(_dataset(test_json, test_pipeline, train=False), 1, workers, train=False),
         val_evaluator=dict(type="CocoMetric", ann_file=str(val_json), metric="bbox", format_only=False,
@@ -243,8 +262,7 @@ def build_config(params: Mapping[str, Any], *, train_json: str | Path, val_json:
             timer=dict(type="IterTimerHook"),
             logger=dict(type="LoggerHook", interval=log_interval),
             param_scheduler=dict(type="ParamSchedulerHook"),
-            checkpoint=dict(type="CheckpointHook", interval=1, max_keep_ckpts=1, save_last=True,
-                            save_best=BEST_METRIC, rule="greater"),
+            checkpoint=None,  # the engine keeps the best weights itself: no pickled mmengine checkpoints
             sampler_seed=dict(type="DistSamplerSeedHook"),
         ),
         env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),

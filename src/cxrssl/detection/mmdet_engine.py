@@ -5,14 +5,22 @@ contract (CONTRIBUTING.md): ``best.pth`` (best val bbox mAP50), ``last.pth``, ``
 ``train_curve.png`` and ``predictions_test.json`` (COCO results in converted pixels of
 ``coco_test.json``, category ids 1..14), so evaluation, report and heatmaps are shared.
 
-* The config is :func:`cxrssl.detection.mmdet_config.build_config` (the paper's R50-FPN setup).
+This module is the ``mmdet`` engine of :mod:`cxrssl.detection.engines` (``ENGINE``).
+
+* The config is :func:`cxrssl.detection.mmdet_config.build_config` (the paper's R50-FPN setup); the
+  engine registers the two types it names: ``CxrsslFasterRCNN`` (bf16 backbone + neck, fp32 heads)
+  and ``CxrsslWarmupCosineLR`` (the learning rates of :class:`cxrssl.detection.schedule.WarmupCosine`).
 * The backbone checkpoint (a torchvision ResNet state dict without ``fc``, e.g. Barlow Twins'
   ``backbone.pth``) reaches mmdet's ResNet through ``init_cfg`` (type Pretrained) unchanged: both use
   torchvision's parameter names. It is checked first: no missing or unexpected keys, same shapes.
   Wrapped checkpoints (prefixes, ``fc``) and ImageNet weights are written as such a plain state dict
   into the run's work folder first.
-* ``best.pth`` is ``{"engine": "mmdet", "meta": {...}, "state_dict": ...}``: the config text is in
-  ``meta["cfg"]``, so :func:`load_cam_model` rebuilds the network from the checkpoint alone.
+* ``best.pth`` (the best val epoch) and ``last.pth`` (the last epoch) are ``{"meta", "model"}`` like
+  the torchvision engine's: the meta is plain JSON data (the settings), from which
+  :func:`load_cam_model` rebuilds the mmdet config with :func:`~cxrssl.detection.mmdet_config.model_cfg`.
+  No config text is ever handed to mmengine (``Config.fromstring`` would execute it), and no
+  mmengine checkpoint (pickled objects) is written or read: the best weights are kept in memory.
+  A rerun starts over.
 
 mmcv's compiled ops are not on PyPI; importing this module without them raises
 :class:`MmdetUnavailableError` saying how to install them.
@@ -22,9 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrssl.classes import VINDR_CLASSES, check_class_names, coco_categories
+from cxrssl.classes import check_class_names, coco_categories
 from cxrssl.detection.curves import plot_train_curve
 from cxrssl.errors import BadInputError
 from cxrssl.io import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json
@@ -57,17 +64,32 @@ try:
     import mmcv.ops  # noqa: F401  (the compiled RoIAlign/NMS the detector needs)
     import mmdet
     from mmdet.utils import register_all_modules
-    from mmengine.config import Config
+    from mmengine.config import Config, ConfigDict
     from mmengine.hooks import Hook
     from mmengine.logging import MMLogger
     from mmengine.model import is_model_wrapper
-    from mmengine.registry import MODELS
-    from mmengine.runner import Runner
+    from mmdet.models.detectors import FasterRCNN as MMDetFasterRCNN
+    from mmdet.registry import MODELS as MMDET_MODELS
     from mmdet.structures import DetDataSample
+    from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
+    from mmengine.optim.scheduler.param_scheduler import INF, _ParamScheduler
+    from mmengine.registry import MODELS, PARAM_SCHEDULERS
+    from mmengine.runner import Runner
 except (ImportError, AssertionError) as _exc:  # mmdet asserts a compatible mmcv version
     raise MmdetUnavailableError(f"cannot import the mmdet engine ({type(_exc).__name__}: {_exc}). {INSTALL_HINT}") from _exc
 
-from cxrssl.detection.mmdet_config import BEST_METRIC, RESNET_DEPTH, build_config  # noqa: E402
+from cxrssl.detection.dataset import input_format  # noqa: E402
+from cxrssl.detection.engines import make_meta  # noqa: E402
+from cxrssl.detection.mmdet_config import (  # noqa: E402
+    BEST_METRIC,
+    DETECTOR_TYPE,
+    RESNET_DEPTH,
+    SCHEDULER_TYPE,
+    build_config,
+    model_cfg,
+)
+from cxrssl.detection.schedule import WarmupCosine  # noqa: E402
+from cxrssl.runtime import load_checkpoint  # noqa: E402
 from cxrssl.models.backbone import (  # noqa: E402
     backbone_state_dict,
     build_resnet,
@@ -83,6 +105,45 @@ LOSS_KEYS = ("loss", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox")
 LOG_COLUMNS = ["epoch", "iter", *LOSS_KEYS, "acc", "lr", "val_mAP50", "val_mAP", "val_mAP75"]
 
 register_all_modules(init_default_scope=True)
+
+
+@MMDET_MODELS.register_module(name=DETECTOR_TYPE, force=True)
+class CxrsslFasterRCNN(MMDetFasterRCNN):
+    """mmdet's Faster R-CNN with the engines' precision policy: with ``autocast_device`` set, the
+    backbone and neck run under bf16 autocast and hand fp32 features to the RPN and RoI heads."""
+
+    def __init__(self, *args, autocast_device: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.autocast_device = autocast_device
+
+    def extract_feat(self, batch_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.autocast_device is None:
+            return super().extract_feat(batch_inputs)
+        with torch.autocast(self.autocast_device, dtype=torch.bfloat16):
+            features = super().extract_feat(batch_inputs)
+        return tuple(f.float() for f in features)
+
+
+@PARAM_SCHEDULERS.register_module(name=SCHEDULER_TYPE, force=True)
+class CxrsslWarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
+    """mmengine scheduler stepping :class:`cxrssl.detection.schedule.WarmupCosine` every iteration
+    (configured by epoch with ``convert_to_iter_based``, so that mmengine passes the epoch length)."""
+
+    def __init__(self, optimizer, lr: float, min_lr: float, warmup_iters: int, epochs: int, iters_per_epoch: int,
+                 begin: int = 0, end: int = INF, last_step: int = -1, by_epoch: bool = False, verbose: bool = False):
+        self.schedule = WarmupCosine(lr, min_lr, warmup_iters, epochs, iters_per_epoch)
+        super().__init__(optimizer, begin=begin, end=end, last_step=last_step, by_epoch=by_epoch, verbose=verbose)
+
+    @classmethod
+    def build_iter_from_epoch(cls, *args, begin=0, end=INF, by_epoch=True, epoch_length=None, **kwargs):
+        if not by_epoch or not epoch_length:
+            raise ValueError(f"{SCHEDULER_TYPE} is configured by epoch and needs the epoch length")
+        return cls(*args, iters_per_epoch=epoch_length, begin=int(begin * epoch_length),
+                   end=INF if end == INF else int(end * epoch_length), by_epoch=False, **kwargs)
+
+    def _get_value(self):
+        factor = self.schedule(self.last_step)
+        return [base * factor for base in self.base_values]
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -154,7 +215,7 @@ def prepare_backbone_checkpoint(init: str, arch: str, work_dir: str | Path,
         path = Path(init)
         if not path.is_file():
             raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_checkpoint(path, "backbone checkpoint")
         try:
             state = extract_state_dict(raw)
         except ValueError as exc:
@@ -188,14 +249,17 @@ def load_backbone_via_init_cfg(checkpoint: str | Path, arch: str) -> nn.Module:
 
 class TrainLogHook(Hook):
     """``train_log.csv`` like the torchvision engine's: one row per iteration (losses, lr) with the
-    val metrics on each epoch's last row; tqdm bars over training and test iterations."""
+    val metrics on each epoch's last row; tqdm bars over training and test iterations. It also keeps
+    the weights of the best val epoch in memory (the first epoch reaching the highest mAP50, as the
+    torchvision engine's selection)."""
 
-    priority = "LOW"  # before CheckpointHook (VERY_LOW) reads the metrics
+    priority = "LOW"
 
     def __init__(self, csv_path: str | Path, curve_path: str | Path, title: str):
         self.csv_path, self.curve_path, self.title = Path(csv_path), Path(curve_path), title
         self.rows: list[dict[str, Any]] = []
         self._bar = None
+        self.best_value, self.best_epoch, self.best_state = -float("inf"), 0, None
 
     def _open_bar(self, total: int, desc: str) -> None:
         from tqdm.auto import tqdm
@@ -229,6 +293,11 @@ class TrainLogHook(Hook):
             # CocoMetric reports nothing when no image got any box; for selection that is mAP 0.
             log.warning("epoch %d: no detections on the val set; counting val mAP50 as 0", runner.epoch)
             metrics[BEST_METRIC] = 0.0
+        value = float(metrics[BEST_METRIC])
+        if value > self.best_value:
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            self.best_value, self.best_epoch = value, int(runner.epoch)
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if not self.rows:
             return
         last = self.rows[-1]
@@ -291,17 +360,24 @@ def check_cuda_ops() -> None:
 
 
 def train(train_json: str | Path, val_json: str | Path, test_json: str | Path, out_dir: str | Path, *,
-          init: str, res: int, seed: int, params: Mapping[str, Any],
-          imagenet_weights: str | Path | None = None) -> dict[str, Any]:
-    """Train, keep the best val mAP50 checkpoint and predict the test set; returns a summary.
+          init: str, res: int, seed: int, settings: Mapping[str, Any], imagenet_weights: str | Path | None = None,
+          device: str | None = None, init_name: str | None = None) -> dict[str, Any]:
+    """Train, keep the best val mAP50 weights and predict the test set; returns a summary.
 
-    ``init``: ``random``, ``imagenet`` or a backbone checkpoint path. ``params``: the ``detection``
-    config section. Outputs (in ``out_dir``): see the module docstring.
+    ``init``: ``random``, ``imagenet`` or a backbone checkpoint path. ``settings``: the ``detection``
+    config section. ``device``: mmengine trains on CUDA when torch sees a GPU, else on the CPU; a
+    ``device`` that differs from that choice is an error. Outputs (in ``out_dir``): see the module
+    docstring.
     """
     out_dir = Path(out_dir)
+    params = dict(settings)
+    runs_on = "cuda" if torch.cuda.is_available() else "cpu"
+    if device and torch.device(device).type != runs_on:
+        raise ValueError(f"the mmdet engine trains on {runs_on} here (mmengine's choice), not on {device}: "
+                         "hide the GPU with CUDA_VISIBLE_DEVICES= to train on the CPU")
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = out_dir / WORK_SUBDIR
-    if work_dir.exists():  # a rerun starts over; mmengine would otherwise find old checkpoints
+    if work_dir.exists():  # a rerun starts over
         shutil.rmtree(work_dir)
     work_dir.mkdir()
     seed_everything(seed)
@@ -313,15 +389,14 @@ def train(train_json: str | Path, val_json: str | Path, test_json: str | Path, o
     check_cuda_ops()
     arch = params["arch"]
     checkpoint = prepare_backbone_checkpoint(init, arch, work_dir, imagenet_weights)
-    use_amp = bool(params["amp"]) and torch.cuda.is_available()
     prefix = work_dir / "test_predictions"
     cfg = Config(build_config(params, train_json=jsons["train"], val_json=jsons["val"], test_json=jsons["test"],
                               work_dir=work_dir, res=res, backbone_checkpoint=checkpoint, seed=seed,
-                              use_amp=use_amp, predictions_prefix=prefix))
-    with atomic_path(out_dir / "mmdet_config.py") as tmp:
+                              device_type=runs_on, predictions_prefix=prefix))
+    with atomic_path(out_dir / "mmdet_config.py") as tmp:  # for people to read; never read back
         cfg.dump(str(tmp))
-    log.info("mmdet %s, init %s (backbone checkpoint %s), arch %s, %d px, seed %d, amp %s",
-             mmdet.__version__, init, checkpoint, arch, res, seed, use_amp)
+    log.info("mmdet %s, init %s (backbone checkpoint %s), arch %s, %d px, seed %d, bf16 backbone %s",
+             mmdet.__version__, init, checkpoint, arch, res, seed, cfg.model.autocast_device is not None)
 
     runner = Runner.from_cfg(cfg)
     _attach_rule_log(runner.logger)
@@ -331,36 +406,23 @@ def train(train_json: str | Path, val_json: str | Path, test_json: str | Path, o
     runner.register_hook(hook)
     runner.train()
 
-    hub = runner.message_hub
-    best_ckpt, last_ckpt = hub.get_info("best_ckpt"), hub.get_info("last_ckpt")
-    if not best_ckpt or not Path(best_ckpt).is_file():
-        raise RuntimeError(f"mmengine saved no best checkpoint in {work_dir} (expected by {BEST_METRIC})")
-    # Our own checkpoint file: written by this process, so loading it in full is safe.
-    best = torch.load(best_ckpt, map_location="cpu", weights_only=False)
-    meta = {
-        "engine": "mmdet",
-        "cfg": cfg.pretty_text,
-        "classes": list(VINDR_CLASSES),
-        "arch": arch,
-        "init": str(init),
-        "res": int(res),
-        "epoch": int(best["meta"]["epoch"]),
-        "val_mAP50": float(hub.get_info("best_score")),
-    }
-    atomic_torch_save({"engine": "mmdet", "meta": meta, "state_dict": best["state_dict"]}, out_dir / "best.pth")
-    # The full mmengine checkpoint of the last epoch (optimizer included); reruns start over.
-    os.replace(last_ckpt, out_dir / "last.pth")
-
+    if hook.best_state is None:
+        raise RuntimeError(f"mmdet run in {work_dir} reported no val {BEST_METRIC}")
+    input_size, bit_depth = input_format(jsons["train"])
+    meta = make_meta("mmdet", arch=arch, init=init, init_name=init_name, res=res, seed=seed, settings=params,
+                     input_size=input_size, input_bit_depth=bit_depth, pretrained=init != "random")
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    model.load_state_dict(best["state_dict"])
-    del best
-    Path(best_ckpt).unlink()
-    (work_dir / "last_checkpoint").unlink(missing_ok=True)
+    last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    atomic_torch_save({"meta": dict(meta, epoch=int(runner.epoch), val_mAP50=float(hook.rows[-1].get(
+        "val_mAP50", float("nan")) if hook.rows else float("nan"))), "model": last_state}, out_dir / "last.pth")
+    atomic_torch_save({"meta": dict(meta, epoch=hook.best_epoch, val_mAP50=hook.best_value),
+                       "model": hook.best_state}, out_dir / "best.pth")
+    model.load_state_dict(hook.best_state)
     runner.test()
     predictions = _read_predictions(Path(f"{prefix}.bbox.json"), coco["test"])
     atomic_write_json(predictions, out_dir / "predictions_test.json", indent=None)
     hook.write()
-    summary = {"best_epoch": meta["epoch"], "best_val_mAP50": meta["val_mAP50"], "iterations": len(hook.rows),
+    summary = {"best_epoch": hook.best_epoch, "best_val_mAP50": hook.best_value, "iterations": len(hook.rows),
                "n_predictions": len(predictions)}
     log.info("done: %s", summary)
     return summary
@@ -372,16 +434,22 @@ class FeaturePyramid(nn.Module):
     """ResNet + FPN returning an OrderedDict like torchvision's ``BackboneWithFPN``.
 
     Submodules are named ``body`` and ``fpn`` as in torchvision, so target layers such as
-    ``backbone.body.layer4`` mean the same in both engines.
+    ``backbone.body.layer4`` mean the same in both engines. ``autocast_device`` follows the
+    detector's precision policy (:class:`CxrsslFasterRCNN`): bf16 inside, fp32 features out.
     """
 
-    def __init__(self, body: nn.Module, fpn: nn.Module):
+    def __init__(self, body: nn.Module, fpn: nn.Module, autocast_device: str | None = None):
         super().__init__()
         self.body = body
         self.fpn = fpn
+        self.autocast_device = autocast_device
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        feats = self.fpn(self.body(x))
+        if self.autocast_device is None:
+            feats = self.fpn(self.body(x))
+        else:
+            with torch.autocast(self.autocast_device, dtype=torch.bfloat16):
+                feats = tuple(f.float() for f in self.fpn(self.body(x)))
         if len(feats) != len(FPN_KEYS):
             raise RuntimeError(f"expected {len(FPN_KEYS)} FPN levels, got {len(feats)}")
         return OrderedDict(zip(FPN_KEYS, feats))
@@ -399,12 +467,22 @@ class MMDetCamModel(nn.Module):
     def __init__(self, detector: nn.Module, res: int):
         super().__init__()
         self.detector = detector
-        self.backbone = FeaturePyramid(detector.backbone, detector.neck)
+        self.backbone = FeaturePyramid(detector.backbone, detector.neck, getattr(detector, "autocast_device", None))
         self.res = int(res)
         pre = detector.data_preprocessor
         self.register_buffer("mean", pre.mean.detach().clone().view(-1, 1, 1), persistent=False)
         self.register_buffer("std", pre.std.detach().clone().view(-1, 1, 1), persistent=False)
         self.divisor = int(getattr(pre, "pad_size_divisor", 32))
+
+    def _resized(self, height: int, width: int) -> tuple[int, int]:
+        """mmcv's Resize with keep_ratio: longest side to res, sizes rounded to nearest."""
+        scale = self.res / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def input_geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(resized height, width, padded height, width) of a ``height`` x ``width`` input."""
+        nh, nw = self._resized(int(height), int(width))
+        return nh, nw, -(-nh // self.divisor) * self.divisor, -(-nw // self.divisor) * self.divisor
 
     def _prepare(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list]:
         device = self.mean.device
@@ -416,9 +494,7 @@ class MMDetCamModel(nn.Module):
             if img.shape[0] == 1:
                 img = img.expand(3, -1, -1)
             h, w = img.shape[-2:]
-            # mmcv's Resize with keep_ratio: longest side to res, sizes rounded to nearest.
-            scale = self.res / max(h, w)
-            nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+            nh, nw = self._resized(h, w)
             img = F.interpolate(img[None] * 255.0, size=(nh, nw), mode="bilinear", align_corners=False)[0]
             resized.append((img - self.mean) / self.std)
             samples.append({"ori_shape": (h, w), "img_shape": (nh, nw), "scale_factor": (nw / w, nh / h)})
@@ -442,23 +518,37 @@ class MMDetCamModel(nn.Module):
         return [{"boxes": r.bboxes, "labels": r.labels + 1, "scores": r.scores} for r in results]
 
 
+def build_from_meta(meta: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+                    score_thr: float | None = None) -> MMDetCamModel:
+    """A trained mmdet detector rebuilt from a checkpoint's JSON meta (never from stored config text)."""
+    settings = dict(meta["settings"])
+    if score_thr is not None:
+        settings["score_thr"] = float(score_thr)
+    cfg = model_cfg(meta["arch"], None, settings, pretrained=bool(meta["pretrained"]))
+    detector = MODELS.build(ConfigDict(cfg))
+    detector.load_state_dict(state_dict)
+    return MMDetCamModel(detector, meta["res"])
+
+
 def load_cam_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> MMDetCamModel:
     """The ``best.pth`` of an mmdet run as a torchvision-like detector in eval mode on ``device``."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"detector checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("engine") != "mmdet" or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not an mmdet-engine checkpoint of cxrssl (best.pth of a detection/mmdet run)")
-    meta = ckpt["meta"]
-    if meta.get("classes") != list(VINDR_CLASSES):
-        raise ValueError(f"{path}: class table {meta.get('classes')} differs from cxrssl.classes.VINDR_CLASSES")
-    cfg = Config.fromstring(meta["cfg"], file_format=".py")
-    cfg.model.backbone.init_cfg = None  # the trained weights follow; never reload the init checkpoint
-    detector = MODELS.build(cfg.model)
-    detector.load_state_dict(ckpt["state_dict"])
-    model = MMDetCamModel(detector, meta["res"])
-    return model.to(device).eval()
+    from cxrssl.detection.engines import load_detector
+
+    model, meta = load_detector(checkpoint, device)
+    if meta["engine"] != "mmdet":
+        raise ValueError(f"{checkpoint}: a {meta['engine']} checkpoint, not an mmdet-engine one")
+    return model
+
+
+class MmdetEngine:
+    """The mmdet engine behind :mod:`cxrssl.detection.engines`' interface."""
+
+    name = "mmdet"
+    train = staticmethod(train)
+    build_from_meta = staticmethod(build_from_meta)
+
+
+ENGINE = MmdetEngine()
 
 
 def current_logger() -> logging.Logger:

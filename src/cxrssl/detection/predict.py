@@ -9,9 +9,13 @@ Outputs in ``--out-dir``:
 
 * ``submission.csv`` — Kaggle VinBigData format ``image_id,PredictionString`` with
   ``class_id score x_min y_min x_max y_max`` repeated, 0-based class ids (cxrssl.classes), one row
-  per image; an image without any box gets ``14 1 0 0 1 1`` ("No finding").
+  per image, ending with the "No finding" entry ``14 p 0 0 1 1`` the competition scores for every
+  image, ``p = 1 - best box score`` (:func:`cxrssl.evaluation.vinbigdata.no_finding_score`, the rule
+  the evaluation uses; 1 for an image without boxes).
 * ``predictions.json`` — COCO results (``image_id`` = 1..N in input order, ``category_id`` 1..14,
-  ``bbox`` [x, y, w, h] in original pixels, ``score``) plus ``image_name`` (the file stem).
+  ``bbox`` [x, y, w, h] in original pixels, ``score``) plus ``image_name`` (the file stem); boxes only.
+
+Either engine's checkpoint works (:func:`cxrssl.detection.engines.load_detector`).
 * ``overlays/<image_id>.png`` — the image with its boxes and class names.
 * ``quarantine.csv`` — inputs that could not be read (``--on-bad-input skip``).
 
@@ -40,9 +44,10 @@ from cxrssl.classes import VINDR_CLASSES, VINDR_NO_FINDING_ID
 from cxrssl.config import add_section_args, section_args, validate_config
 from cxrssl.data.convert import to_display_png
 from cxrssl.data.dicom import read_dicom
-from cxrssl.detection.model import load_trained_detector
+from cxrssl.detection.engines import load_detector
 from cxrssl.detection.transforms import read_grey_image, to_model_tensor
 from cxrssl.errors import BadInputError, Quarantine
+from cxrssl.evaluation.vinbigdata import no_finding_score
 from cxrssl.io import atomic_path, atomic_write_csv, atomic_write_json
 from cxrssl.privacy import Pseudonymizer
 from cxrssl.utils import pick_device, progress_disabled, setup_logging
@@ -51,7 +56,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-#: What VinBigData's metric expects for an image without findings.
+#: The competition's ground truth of an image without findings (its prediction is ``14 p 0 0 1 1``).
 NO_FINDING_STRING = f"{VINDR_NO_FINDING_ID} 1 0 0 1 1"
 
 
@@ -113,11 +118,11 @@ def to_original(boxes: np.ndarray, prep: Prepared) -> np.ndarray:
 
 
 def prediction_string(labels: np.ndarray, scores: np.ndarray, boxes: np.ndarray) -> str:
-    """Kaggle PredictionString; labels are COCO ids (1..14) and become 0-based class ids."""
-    if len(labels) == 0:
-        return NO_FINDING_STRING
+    """Kaggle PredictionString; labels are COCO ids (1..14) and become 0-based class ids; the
+    "No finding" entry ``14 p 0 0 1 1`` ends every string."""
     parts = [f"{int(lab) - 1} {score:.4f} {x0:.0f} {y0:.0f} {x1:.0f} {y1:.0f}"
              for lab, score, (x0, y0, x1, y1) in zip(labels, scores, boxes)]
+    parts.append(f"{VINDR_NO_FINDING_ID} {no_finding_score(scores):.4f} 0 0 1 1")
     return " ".join(parts)
 
 
@@ -182,14 +187,12 @@ def predict_files(checkpoint: str | Path, inputs: Iterable[str | Path], out_dir:
     out_dir = Path(out_dir)
     paths = collect_inputs(inputs)
     dev = pick_device(device)
-    model, meta = load_trained_detector(checkpoint, dev)
-    if score_thr is not None:
-        model.roi_heads.score_thresh = float(score_thr)
-    thr = float(model.roi_heads.score_thresh)
+    model, meta = load_detector(checkpoint, dev, score_thr=score_thr)
+    thr = float(score_thr) if score_thr is not None else float(meta.get("score_thr", meta["settings"].get("score_thr")))
     quarantine = Quarantine(policy=on_bad_input, stage="predict")
     ids = Pseudonymizer(pseudonymize_ids, private_dir)
-    log.info("predicting %d files with %s (%s, init %s, res %d, score >= %g) on %s", len(paths), checkpoint,
-             meta["arch"], meta["init"], meta["res"], thr, dev)
+    log.info("predicting %d files with %s (%s engine, %s, init %s, res %d, score >= %g) on %s", len(paths), checkpoint,
+             meta["engine"], meta["arch"], meta["init"], meta["res"], thr, dev)
     rows, results = [], []
     bar = tqdm(total=len(paths), desc="predict", disable=progress_disabled())
     coco_id = 0

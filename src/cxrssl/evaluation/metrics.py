@@ -1,19 +1,21 @@
-"""Detection metrics on COCO files: COCO mAP, the VinBigData VOC-style metric, a bootstrap CI.
+"""Detection metrics on COCO files: COCO mAP, the VinBigData competition metric, bootstrap CIs.
 
 * COCO metrics (mAP@[.5:.95], mAP50, mAP75, per-class AP50) come from faster-coco-eval's COCOeval
   with its standard parameters (area "all", at most 100 detections per image and class).
-* The VinBigData competition metric is PASCAL-VOC-style mAP at IoU 0.4. It is computed by the same
-  COCOeval with ``iouThrs=[voc_iou]``, one area range and no practical cap on detections (10,000 per
-  image and class). The interpolation is COCO's 101-point one; the competition integrated the
-  precision envelope continuously, which differs in the third decimal at most.
-* "No finding" (``no_finding=True``) is scored as an extra class, as the competition did: every
-  image without any GT box gets a "No finding" GT box [0, 0, 1, 1]; every image whose highest
-  predicted box score is below ``no_finding_thr`` gets a "No finding" prediction [0, 0, 1, 1] whose
-  confidence is ``1 - max box score`` (1 for an image without predictions). Only the VOC metric
-  includes this class; the COCO metrics stay on the detection classes.
+* ``voc_mAP`` is the VinBigData competition metric (:mod:`cxrssl.evaluation.vinbigdata`): PASCAL
+  VOC 2010 mAP, all-point interpolation, IoU > ``voc_iou`` (0.4), "No finding" scored as a 15th
+  class (``no_finding``). ``coco101_mAP`` is the same inputs scored by COCOeval at IoU >= ``voc_iou``
+  with COCO's 101-point interpolation (what cxrssl reported as "VOC mAP" before); it keeps its own
+  name and is not the competition's metric.
 * Classes without GT box in the evaluated images have AP NaN: they are left out of every mean and
   listed under ``classes_without_gt`` (JSON ``null``).
-* The mAP50 confidence interval resamples images with replacement (seeded). Images are matched
+* The mAP50 bootstrap resamples images with replacement (seeded) over a FIXED class set, the classes
+  with GT in the evaluated images: a resample in which one of them has no GT box is drawn again
+  (the mean would otherwise be over other classes; dropping rare, low-AP classes pushed the
+  interval up). It reports the percentile and the BCa interval (Efron & Tibshirani 1993, 14.3; the
+  acceleration from the leave-one-image-out jackknife, skipping the images whose removal leaves a
+  class without GT) and stores the replicates and jackknife values, so that two runs on the same
+  test set can be compared over the same resamples (:func:`paired_difference`). Images are matched
   once (pycocotools' per-image evaluation, which exposes the matches); each resample then re-runs
   COCOeval's accumulation step on the resampled matches, weighted by how often each image was drawn.
   Without resampling this reproduces COCOeval's mAP50 exactly (checked in the tests).
@@ -23,19 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from cxrssl.classes import VINDR_NO_FINDING
 from cxrssl.errors import BadInputError
+from cxrssl.evaluation.vinbigdata import add_no_finding, voc_map
 from cxrssl.utils import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -45,8 +49,10 @@ REC_THRS = np.linspace(0.0, 1.0, 101, endpoint=True)
 #: The "all" area range and the detection cap of COCO's AP50 (per image and class).
 AREA_ALL = [0.0, 1e5 ** 2]
 COCO_MAX_DETS = 100
-VOC_MAX_DETS = 10_000
-NO_FINDING_BOX = [0.0, 0.0, 1.0, 1.0]  # xywh == xyxy for this box
+#: COCOeval's cap per image and class for the 101-point variant of the VinBigData inputs (no cap).
+COCO101_MAX_DETS = 10_000
+#: Bootstrap draws give up after this many times the asked resamples (a class set that rarely occurs).
+MAX_DRAWS_FACTOR = 100
 
 
 # --- loading and checking inputs ---------------------------------------------------------------
@@ -119,40 +125,6 @@ def check_results(results: Any, gt: dict, where: str = "results") -> list[dict]:
         out.append({"image_id": det["image_id"], "category_id": det["category_id"],
                     "bbox": [float(v) for v in det["bbox"]], "score": float(score)})
     return out
-
-
-# --- "No finding" as the competition's 15th class ----------------------------------------------
-
-def add_no_finding(gt: dict, results: list[dict], thr: float) -> tuple[dict, list[dict], int]:
-    """GT and results with the "No finding" class added (see the module docstring).
-
-    Returns the new GT, the new results and the "No finding" category id. A GT that already has a
-    "No finding" category is used as it is (its own boxes count); only predictions are added.
-    """
-    gt = copy.deepcopy(gt)
-    results = list(results)
-    existing = [c["id"] for c in gt["categories"] if c.get("name") == VINDR_NO_FINDING]
-    if existing:
-        nf_id = existing[0]
-    else:
-        nf_id = max((c["id"] for c in gt["categories"]), default=0) + 1
-        gt["categories"].append({"id": nf_id, "name": VINDR_NO_FINDING, "supercategory": "none"})
-        with_boxes = {ann["image_id"] for ann in gt["annotations"]}
-        next_id = max((ann["id"] for ann in gt["annotations"]), default=0) + 1
-        for image in gt["images"]:
-            if image["id"] not in with_boxes:
-                gt["annotations"].append({"id": next_id, "image_id": image["id"], "category_id": nf_id,
-                                          "bbox": list(NO_FINDING_BOX), "area": 1.0, "iscrowd": 0})
-                next_id += 1
-    best = {image["id"]: 0.0 for image in gt["images"]}
-    for det in results:
-        if det["category_id"] != nf_id:
-            best[det["image_id"]] = max(best[det["image_id"]], det["score"])
-    for image_id, score in best.items():
-        if score < thr:
-            results.append({"image_id": image_id, "category_id": nf_id, "bbox": list(NO_FINDING_BOX),
-                            "score": 1.0 - score})
-    return gt, results, nf_id
 
 
 # --- COCOeval runs ------------------------------------------------------------------------------
@@ -285,25 +257,148 @@ def weighted_ap(m: ClassMatches, weights: np.ndarray) -> float:
     return float(q.mean())
 
 
-def bootstrap_map(matches: dict[int, ClassMatches], n_images: int, n_resamples: int, seed: int,
-                  level: float = 0.95) -> tuple[float, list[float], np.ndarray]:
-    """Point mAP, the percentile CI over image resamples, and the resampled mAPs."""
-    cats = sorted(matches)
-    ones = np.ones(n_images, dtype=np.int64)
-    point = _nanmean(np.array([weighted_ap(matches[c], ones) for c in cats]))
-    if n_resamples <= 0 or n_images == 0:
-        return point, [float("nan"), float("nan")], np.zeros(0)
+def fixed_classes(matches: dict[int, ClassMatches]) -> list[int]:
+    """The classes with GT in the evaluated images: every resample averages over exactly these."""
+    return [c for c in sorted(matches) if matches[c].gt_per_image.sum() > 0]
+
+
+def map_over(matches: dict[int, ClassMatches], classes: list[int], weights: np.ndarray) -> float:
+    """Mean AP over ``classes`` with image weights (NaN if one of them has no GT under them)."""
+    if not classes:
+        return float("nan")
+    return float(np.mean([weighted_ap(matches[c], weights) for c in classes]))
+
+
+def resample_counts(gt_presence: np.ndarray, n_resamples: int, seed: int) -> tuple[np.ndarray, int]:
+    """(accepted resamples as per-image draw counts (B, n), number of rejected draws).
+
+    ``gt_presence`` is (classes, images): GT boxes per class and image. A draw in which a class has
+    no GT is rejected and drawn again, so every resample holds every class of the fixed set. The
+    draws depend only on ``seed`` and ``gt_presence``: runs on the same test set share them.
+    """
+    n_images = gt_presence.shape[1]
     rng = np.random.default_rng(seed)
-    values = np.empty(n_resamples)
-    for b in tqdm(range(n_resamples), desc="bootstrap", disable=progress_disabled(), leave=False):
+    accepted, rejected = [], 0
+    while len(accepted) < n_resamples:
+        if rejected > MAX_DRAWS_FACTOR * n_resamples:
+            raise ValueError(f"only {len(accepted)} of {rejected + len(accepted)} bootstrap resamples hold a GT box of "
+                             "every class: too few images carry the rarest class for an image bootstrap")
         counts = np.bincount(rng.integers(0, n_images, size=n_images), minlength=n_images)
-        values[b] = _nanmean(np.array([weighted_ap(matches[c], counts) for c in cats]))
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return point, [float("nan"), float("nan")], values
+        if (gt_presence @ counts > 0).all():
+            accepted.append(counts)
+        else:
+            rejected += 1
+    return np.array(accepted, dtype=np.int64).reshape(n_resamples, n_images), rejected
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval (NaN without replicates)."""
+    replicates = np.asarray(replicates, dtype=float)
+    if replicates.size == 0 or not np.isfinite(replicates).all():
+        return [float("nan"), float("nan")]
     alpha = (1.0 - level) / 2.0
-    low, high = np.percentile(finite, [100 * alpha, 100 * (1 - alpha)])
-    return point, [float(low), float(high)], values
+    return [float(v) for v in np.percentile(replicates, [100 * alpha, 100 * (1 - alpha)])]
+
+
+def bca_interval(replicates: np.ndarray, jackknife: np.ndarray, point: float, level: float = 0.95) -> list[float]:
+    """Bias-corrected and accelerated interval (Efron & Tibshirani 1993, 14.3), as scipy.stats.bootstrap
+    computes it: bias ``z0`` from the share of replicates below the point (ties count half), the
+    acceleration from the jackknife values (NaN entries, undefined leave-one-outs, are skipped)."""
+    replicates = np.asarray(replicates, dtype=float)
+    jack = np.asarray(jackknife, dtype=float)
+    jack = jack[np.isfinite(jack)]
+    if replicates.size == 0 or not math.isfinite(point) or not np.isfinite(replicates).all():
+        return [float("nan"), float("nan")]
+    share = (np.count_nonzero(replicates < point) + np.count_nonzero(replicates <= point)) / (2 * replicates.size)
+    if not 0 < share < 1:
+        return [float("nan"), float("nan")]
+    normal = NormalDist()
+    z0 = normal.inv_cdf(share)
+    d = jack.mean() - jack if jack.size else np.zeros(0)
+    den = 6.0 * float(np.sum(d ** 2)) ** 1.5
+    accel = float(np.sum(d ** 3)) / den if den > 0 else 0.0
+    alpha = (1.0 - level) / 2.0
+    bounds = []
+    for z in (normal.inv_cdf(alpha), normal.inv_cdf(1 - alpha)):
+        bounds.append(normal.cdf(z0 + (z0 + z) / (1 - accel * (z0 + z))))
+    return [float(v) for v in np.percentile(replicates, [100 * b for b in bounds])]
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "no difference": twice the smaller share of resampled
+    differences at or beyond 0 on either side, with the +1 correction ``(1 + k) / (1 + B)`` (the
+    smallest level at which the percentile interval of the difference leaves out 0)."""
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0 or not np.isfinite(d).all():
+        return float("nan")
+    tail = min(np.count_nonzero(d <= 0), np.count_nonzero(d >= 0))
+    return float(min(1.0, 2.0 * (1 + tail) / (1 + d.size)))
+
+
+@dataclass
+class Bootstrap:
+    """An image bootstrap of mAP50 over the fixed class set (see the module docstring)."""
+
+    point: float
+    replicates: np.ndarray
+    jackknife: np.ndarray
+    classes: list[int]
+    rejected: int = 0
+    level: float = 0.95
+    resamples_id: str = ""
+    percentile: list[float] = field(default_factory=lambda: [float("nan")] * 2)
+    bca: list[float] = field(default_factory=lambda: [float("nan")] * 2)
+
+
+def bootstrap_map(matches: dict[int, ClassMatches], n_images: int, n_resamples: int, seed: int,
+                  level: float = 0.95, jackknife: bool = True) -> Bootstrap:
+    """Point mAP over the fixed class set, its resampled values, percentile and BCa intervals."""
+    classes = fixed_classes(matches)
+    ones = np.ones(n_images, dtype=np.int64)
+    point = map_over(matches, classes, ones)
+    presence = np.array([matches[c].gt_per_image for c in classes], dtype=np.int64).reshape(len(classes), n_images)
+    resamples_id = hashlib.sha256(json.dumps([int(seed), int(n_resamples), presence.tolist()]).encode()).hexdigest()[:16]
+    result = Bootstrap(point, np.zeros(0), np.zeros(0), classes, level=level, resamples_id=resamples_id)
+    if n_resamples <= 0 or n_images == 0 or not classes:
+        return result
+    counts, result.rejected = resample_counts(presence, n_resamples, seed)
+    result.replicates = np.array([map_over(matches, classes, c) for c in
+                                  tqdm(counts, desc="bootstrap", disable=progress_disabled(), leave=False)])
+    if jackknife:
+        jack = np.full(n_images, np.nan)
+        for i in tqdm(range(n_images), desc="jackknife", disable=progress_disabled(), leave=False):
+            weights = ones.copy()
+            weights[i] = 0
+            if (presence @ weights > 0).all():
+                jack[i] = map_over(matches, classes, weights)
+        result.jackknife = jack
+    result.percentile = percentile_interval(result.replicates, level)
+    result.bca = bca_interval(result.replicates, result.jackknife, point, level)
+    return result
+
+
+def paired_difference(a: dict, b: dict, level: float = 0.95) -> dict[str, Any]:
+    """mAP50 of run ``a`` minus run ``b`` over the same image resamples, from two metrics dicts of
+    :func:`evaluate` on the same test set: point, percentile and BCa intervals, bootstrap p-value."""
+    for key in ("mAP50_bootstrap", "mAP50_jackknife", "bootstrap_resamples_id"):
+        if key not in a or key not in b:
+            raise ValueError(f"metrics without {key!r}: evaluate both runs with bootstrap > 0")
+    if a["bootstrap_resamples_id"] != b["bootstrap_resamples_id"]:
+        raise ValueError("the two runs were not bootstrapped over the same resamples (different test "
+                         "sets, seeds or resample counts): their difference cannot be paired")
+    diff = np.asarray(a["mAP50_bootstrap"], dtype=float) - np.asarray(b["mAP50_bootstrap"], dtype=float)
+    jack = _floats(a["mAP50_jackknife"]) - _floats(b["mAP50_jackknife"])
+    point = _value(a["mAP50"]) - _value(b["mAP50"])
+    return {"delta": point, "delta_ci": percentile_interval(diff, level), "delta_ci_bca": bca_interval(diff, jack, point, level),
+            "p_value": bootstrap_p_value(diff), "n_resamples": int(diff.size), "replicates": diff, "jackknife": jack}
+
+
+def _value(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _floats(values) -> np.ndarray:
+    return np.array([_value(v) for v in values], dtype=float)
 
 
 # --- the public entry point ------------------------------------------------------------------------
@@ -313,13 +408,14 @@ def _json_number(value: float) -> float | None:
 
 
 def evaluate(gt_json: str | Path | dict, results_json: str | Path | list, voc_iou: float = 0.4,
-             bootstrap: int = 1000, seed: int = 0, no_finding: bool = True,
-             no_finding_thr: float = 0.5, ci_level: float = 0.95) -> dict[str, Any]:
+             bootstrap: int = 1000, seed: int = 0, no_finding: bool = True, ci_level: float = 0.95) -> dict[str, Any]:
     """All detection metrics of ``results_json`` against ``gt_json`` (paths or loaded objects).
 
-    Returns a JSON-ready dict: ``mAP``, ``mAP50``, ``mAP75`` (COCO), ``mAP50_ci`` ([low, high]),
-    ``voc_mAP`` at ``voc_iou`` (also as ``voc_mAP40`` when voc_iou is 0.4), ``per_class_AP50`` and
-    ``per_class_voc_AP`` (name -> AP or null), ``classes_without_gt`` and counts. NaN is ``None``.
+    Returns a JSON-ready dict: ``mAP``, ``mAP50``, ``mAP75`` (COCO), ``mAP50_ci`` (percentile) and
+    ``mAP50_ci_bca`` ([low, high]) with the bootstrap's replicates, jackknife values and resample id,
+    ``voc_mAP`` (the VinBigData metric at ``voc_iou``; also ``voc_mAP40`` when voc_iou is 0.4),
+    ``coco101_mAP`` (the same inputs, COCO 101-point), ``per_class_AP50``, ``per_class_voc_AP`` and
+    ``per_class_coco101_AP`` (name -> AP or null), ``classes_without_gt`` and counts. NaN is ``None``.
     """
     gt_where = str(gt_json) if not isinstance(gt_json, dict) else "ground truth"
     res_where = str(results_json) if not isinstance(results_json, list) else "results"
@@ -344,19 +440,19 @@ def evaluate(gt_json: str | Path | dict, results_json: str | Path | list, voc_io
     per_class_ap50 = {names[c]: _json_number(v) for c, v in zip(cat_order, ap50)}
     without_gt = [names[c] for c, v in zip(cat_order, ap50) if not math.isfinite(v)]
 
-    voc_gt, voc_results, nf_id = (add_no_finding(gt, results, no_finding_thr) if no_finding
-                                  else (gt, results, None))
-    voc = _faster_cocoeval(voc_gt, voc_results, iou_thrs=[voc_iou], max_dets=[VOC_MAX_DETS], area_all_only=True)
-    voc_names = {c["id"]: str(c.get("name", c["id"])) for c in voc_gt["categories"]}
-    voc_ap = _per_class_ap(voc.eval["precision"], 0)
-    per_class_voc = {voc_names[c]: _json_number(v) for c, v in zip(voc.params.catIds, voc_ap)}
+    vin_gt, vin_results, nf_id = add_no_finding(gt, results) if no_finding else (gt, results, None)
+    vin_names = {c["id"]: str(c.get("name", c["id"])) for c in vin_gt["categories"]}
+    voc_ap = voc_map(vin_gt, vin_results, voc_iou)
+    coco101 = _faster_cocoeval(vin_gt, vin_results, iou_thrs=[voc_iou], max_dets=[COCO101_MAX_DETS],
+                               area_all_only=True)
+    coco101_ap = _per_class_ap(coco101.eval["precision"], 0)
 
     image_ids, matches = match_per_image(gt, results, iou=0.5, max_dets=COCO_MAX_DETS)
-    point, ci, _ = bootstrap_map(matches, len(image_ids), bootstrap, seed, ci_level)
+    boot = bootstrap_map(matches, len(image_ids), bootstrap, seed, ci_level)
     map50 = _nanmean(ap50)
-    if math.isfinite(map50) and abs(point - map50) > 1e-6:
+    if math.isfinite(map50) and abs(boot.point - map50) > 1e-6:
         # The bootstrap re-implements only COCOeval's accumulation; any drift is a bug worth a warning.
-        log.warning("bootstrap point estimate %.6f differs from COCOeval mAP50 %.6f", point, map50)
+        log.warning("bootstrap point estimate %.6f differs from COCOeval mAP50 %.6f", boot.point, map50)
 
     metrics = {
         "gt": gt_where,
@@ -368,20 +464,28 @@ def evaluate(gt_json: str | Path | dict, results_json: str | Path | list, voc_io
         "mAP": _json_number(_nanmean(ap_all)),
         "mAP50": _json_number(map50),
         "mAP75": _json_number(_nanmean(ap75)),
-        "mAP50_ci": [_json_number(v) for v in ci],
+        "mAP50_ci": [_json_number(v) for v in boot.percentile],
+        "mAP50_ci_bca": [_json_number(v) for v in boot.bca],
         "ci_level": ci_level,
         "bootstrap": int(bootstrap),
+        "bootstrap_classes": [names[c] for c in boot.classes],
+        "bootstrap_rejected": int(boot.rejected),
+        "bootstrap_resamples_id": boot.resamples_id,
         "seed": int(seed),
         "voc_iou": float(voc_iou),
-        "voc_mAP": _json_number(_nanmean(voc_ap)),
+        "voc_mAP": _json_number(_nanmean(np.array(list(voc_ap.values())))),
+        "coco101_mAP": _json_number(_nanmean(coco101_ap)),
         "no_finding": bool(no_finding),
-        "no_finding_thr": float(no_finding_thr),
         "per_class_AP50": per_class_ap50,
-        "per_class_voc_AP": per_class_voc,
+        "per_class_voc_AP": {vin_names[c]: _json_number(v) for c, v in voc_ap.items()},
+        "per_class_coco101_AP": {vin_names[c]: _json_number(v) for c, v in zip(coco101.params.catIds, coco101_ap)},
         "classes_without_gt": without_gt,
+        "mAP50_bootstrap": [_json_number(v) for v in boot.replicates],
+        "mAP50_jackknife": [_json_number(v) for v in boot.jackknife],
     }
     if abs(voc_iou - 0.4) < 1e-9:
         metrics["voc_mAP40"] = metrics["voc_mAP"]
+        metrics["coco101_mAP40"] = metrics["coco101_mAP"]
     if nf_id is not None:
         metrics["no_finding_category_id"] = nf_id
     return metrics
@@ -392,14 +496,16 @@ def format_table(metrics: dict[str, Any]) -> str:
     def fmt(v):
         return "   n/a" if v is None else f"{v:6.3f}"
 
-    ci = metrics["mAP50_ci"]
+    ci, bca = metrics["mAP50_ci"], metrics.get("mAP50_ci_bca", [None, None])
     lines = [
         f"images {metrics['n_images']}  GT boxes {metrics['n_gt_boxes']}  predictions {metrics['n_predictions']}",
         f"mAP@[.5:.95] {fmt(metrics['mAP'])}   mAP50 {fmt(metrics['mAP50'])} "
-        f"[{fmt(ci[0]).strip()}, {fmt(ci[1]).strip()}] ({int(metrics['ci_level'] * 100)}% CI, "
-        f"{metrics['bootstrap']} resamples)   mAP75 {fmt(metrics['mAP75'])}",
-        f"VOC mAP@{metrics['voc_iou']:g} {fmt(metrics['voc_mAP'])}"
-        f"{' (No finding as a class)' if metrics['no_finding'] else ''}",
+        f"[{fmt(ci[0]).strip()}, {fmt(ci[1]).strip()}] percentile, [{fmt(bca[0]).strip()}, {fmt(bca[1]).strip()}] BCa "
+        f"({int(metrics['ci_level'] * 100)}% CI, {metrics['bootstrap']} resamples over "
+        f"{len(metrics.get('bootstrap_classes', []))} classes)   mAP75 {fmt(metrics['mAP75'])}",
+        f"VinBigData VOC 2010 mAP@{metrics['voc_iou']:g} {fmt(metrics['voc_mAP'])}"
+        f"{' (No finding as a class)' if metrics['no_finding'] else ''}   "
+        f"COCO 101-point mAP@{metrics['voc_iou']:g} {fmt(metrics.get('coco101_mAP'))}",
         "",
         f"{'class':<24} {'AP50':>6} {'VOC AP':>7}",
     ]

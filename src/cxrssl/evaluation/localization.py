@@ -1,0 +1,100 @@
+"""How well a heatmap points at the lesions: scores of a map against the ground-truth boxes.
+
+One scorer for every method's maps (detector CAMs here; image-text similarity maps of multimodal
+methods the same way), so one table compares them all. A heatmap is an (H, W) array of
+non-negative relevance (negative values count as 0) in the pixels of the image whose GT boxes
+(``[x0, y0, x1, y1]``, the same pixels) it is scored against; only images with at least one box
+are scored. Per image:
+
+* ``energy_in_box``: share of the map's total mass inside the union of the boxes (1 = all of it;
+  a flat map scores the boxes' share of the image area);
+* ``pointing_game``: 1 if the map's maximum lies inside a box (within ``tolerance`` pixels), else 0
+  (Zhang et al. 2016; several equal maxima: a hit if any is inside);
+* ``iou`` and ``dice`` of the map thresholded at ``threshold`` x its maximum against the box mask;
+* ``cnr``: contrast-to-noise ratio ``|mean_in - mean_out| / sqrt(var_in + var_out)`` of the map
+  inside and outside the boxes (as image-text grounding papers report it).
+
+:func:`summarize_scores` gives each score's mean over images with a percentile bootstrap interval
+over images (seeded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+METRICS = ("energy_in_box", "pointing_game", "iou", "dice", "cnr")
+
+
+def box_mask(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """Boolean (H, W) union of xyxy boxes; pixel (y, x) is inside when its centre (x + 0.5, y + 0.5) is."""
+    height, width = int(shape[0]), int(shape[1])
+    centres_x = np.arange(width) + 0.5
+    centres_y = np.arange(height) + 0.5
+    mask = np.zeros((height, width), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        cols = (centres_x >= x0) & (centres_x < x1)
+        rows = (centres_y >= y0) & (centres_y < y1)
+        mask |= rows[:, None] & cols[None, :]
+    return mask
+
+
+def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    if pixels <= 0:
+        return mask
+    import cv2
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
+    return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+
+
+def score_heatmap(heatmap: np.ndarray, boxes: Sequence[Sequence[float]], threshold: float = 0.5,
+                  tolerance: int = 0) -> dict[str, float] | None:
+    """The scores of one map (see the module docstring); None for an image without boxes."""
+    heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float64)), 0.0, None)
+    if heat.ndim != 2:
+        raise ValueError(f"a heatmap must be 2-D (H, W), got shape {heat.shape}")
+    if len(boxes) == 0:
+        return None
+    mask = box_mask(heat.shape, boxes)
+    if not mask.any():
+        return None
+    total, peak = float(heat.sum()), float(heat.max())
+    scores = {"energy_in_box": float(heat[mask].sum() / total) if total > 0 else float("nan"),
+              "pointing_game": float(bool((_dilate(mask, tolerance) & (heat == peak)).any())) if peak > 0 else 0.0}
+    binary = heat >= threshold * peak if peak > 0 else np.zeros_like(mask)
+    inter, union = float((binary & mask).sum()), float((binary | mask).sum())
+    scores["iou"] = inter / union if union else float("nan")
+    scores["dice"] = 2 * inter / (binary.sum() + mask.sum()) if (binary.sum() + mask.sum()) else float("nan")
+    inside, outside = heat[mask], heat[~mask]
+    spread = math.sqrt(inside.var() + outside.var()) if outside.size else 0.0
+    scores["cnr"] = abs(inside.mean() - outside.mean()) / spread if spread > 0 else float("nan")
+    return scores
+
+
+def summarize_scores(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+                     ) -> dict[str, dict]:
+    """Per score: ``mean`` over the images where it is defined, percentile bootstrap ``ci`` over
+    images (``[None, None]`` without resamples or with fewer than two images), and ``n``."""
+    out = {}
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(rows), size=(n_resamples, len(rows))) if rows and n_resamples > 0 else None
+    for metric in METRICS:
+        values = np.array([r[metric] if r.get(metric) is not None else np.nan for r in rows], dtype=float)
+        defined = np.isfinite(values)
+        mean = float(values[defined].mean()) if defined.any() else float("nan")
+        ci = [float("nan"), float("nan")]
+        if draws is not None and defined.sum() >= 2:
+            sampled = np.where(defined[draws], values[draws], 0.0).sum(axis=1)
+            counts = defined[draws].sum(axis=1)
+            means = sampled[counts > 0] / counts[counts > 0]
+            alpha = (1 - level) / 2
+            ci = [float(v) for v in np.percentile(means, [100 * alpha, 100 * (1 - alpha)])]
+        out[metric] = {"mean": _num(mean), "ci": [_num(v) for v in ci], "n": int(defined.sum())}
+    return out
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
