@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +43,19 @@ def test_scores_of_a_hand_checked_map():
     assert s["iou"] == pytest.approx(16 / 17) and s["dice"] == pytest.approx(32 / 33)
     m[9, 9] = 2.0  # the maximum moves outside the box
     assert score_map(m, box, 0.5)["pointing"] == 0.0
+
+
+def test_pointing_takes_the_middle_of_a_plateau():
+    # a corner cell of a 2 x 2 grid upsampled bilinearly: its value fills the corner quadrant
+    # [0..2] x [0..2]; the first maximum (0, 0) is on the edge, the plateau's middle is (1, 1)
+    from cxrssl.multimodal.image import region_map
+    from cxrssl.multimodal.localize import peak
+
+    m = region_map(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), (2, 2), (8, 8))[0].numpy()
+    assert np.isclose(m[:2, :2], 1).all() and m[2, 2] < 1
+    assert peak(m) == (1, 1)
+    assert score_map(m, [[1, 1, 2, 2]], 0.5)["pointing"] == 1.0  # the box holds (1, 1), not (0, 0)
+    assert score_map(m, [[0, 0, 1, 1]], 0.5)["pointing"] == 0.0
 
 
 def test_scores_of_a_gradient_map():

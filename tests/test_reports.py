@@ -431,3 +431,17 @@ def test_demo_rule_declares_the_report_files():
     text = (Path(__file__).resolve().parents[1] / "rules" / "demo.smk").read_text()
     block = text[text.index("DEMO_REPORT_FILES = ["):text.index("if DEMO[")]
     assert tuple(re.findall(r'"([^"]+\.csv)"', block)) == demo_reports.KEY_FILES
+
+
+def test_prepare_pairs_holds_out_the_nih_test_patients(demo, tmp_path):
+    from cxrssl.multimodal.reports import prepare_pairs
+
+    held = demo_reports.held_out_subjects(demo / "reports")
+    test_list = (demo / "nih" / "test_list.txt").read_text().split("\n")
+    assert held == {f"p{demo_reports.MIMIC_SUBJECT_OFFSET + int(n[:8])}" for n in test_list}
+    pairs = prepare_pairs("mimic", demo / "reports" / "mimic_cxr", tmp_path / "pairs.csv", seed=0, val_fraction=0.2,
+                          test_fraction=0.0, force_test=held, on_bad_input="skip")
+    assert set(pairs.loc[pairs["patient_id"].isin(held), "split"]) == {"test"}
+    assert set(pairs.loc[~pairs["patient_id"].isin(held), "split"]) == {"train", "val"}
+    assert len(pd.read_csv(tmp_path / "quarantine.csv")) == 2
+    assert read_pairs(tmp_path / "pairs.csv")["split"].tolist() == pairs["split"].tolist()

@@ -334,3 +334,11 @@ def _copy(src: Path, dst: Path) -> None:
 def _save_jpeg(src: Path, dst: Path) -> None:
     with Image.open(src) as im, atomic_path(dst) as tmp:
         im.convert("L").save(tmp, format="JPEG", quality=95)
+
+
+def held_out_subjects(root: str | Path) -> set[str]:
+    """MIMIC-layout patient ids (``p<subject_id>``) of the NIH ``test_list`` patients (``root``: the
+    reports folder): what pretraining on the demo reports must never see, as zero-shot
+    localisation is scored on those images."""
+    link = pd.read_csv(Path(root) / LINK, dtype=str, keep_default_na=False)
+    return {f"p{s}" for s in link.loc[link["nih_test"] == "True", "subject_id"]}

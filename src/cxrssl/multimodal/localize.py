@@ -9,7 +9,9 @@ Scores of one item (one finding in one image; its boxes' union is the ground-tru
 
 * ``iou`` / ``dice`` of the map thresholded at ``t`` after min-max scaling to [0, 1] (``t`` is
   chosen on a validation split to maximise the mean IoU, never on test);
-* ``pointing``: 1 if the map's maximum lies in a box (first maximum in row-major order);
+* ``pointing``: 1 if the map's maximum lies in a box. Upsampled maps have plateaus (a border
+  cell's maximum extends to the image edge), so of several maximal pixels the one nearest to
+  their centroid is taken, not the first in row-major order (which sits on the edge);
 * ``cnr``: contrast-to-noise ratio ``|mean_in - mean_out| / sqrt(var_in + var_out)`` of the
   scaled map (BioViL's definition; invariant to the map's scale and offset).
 
@@ -148,6 +150,19 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
     return (m - lo) / span if span > 0 else np.zeros_like(m)
 
 
+def peak(heatmap: np.ndarray, tol: float = 1e-6) -> tuple[int, int]:
+    """(row, col) of the maximum; of a plateau, the maximal pixel nearest to the plateau's centroid
+    (ties: the one nearest to the image centre, i.e. towards the cell centre of a border cell)."""
+    m = np.asarray(heatmap, np.float64)
+    top = np.argwhere(m >= m.max() - tol * max(1.0, abs(float(m.max()))))
+    if len(top) == 1:
+        return int(top[0, 0]), int(top[0, 1])
+    to_centroid = np.round(((top - top.mean(0)) ** 2).sum(1), 9)
+    to_centre = ((top - (np.array(m.shape) - 1) / 2) ** 2).sum(1)
+    k = int(np.lexsort((to_centre, to_centroid))[0])
+    return int(top[k, 0]), int(top[k, 1])
+
+
 def score_map(heatmap: np.ndarray, boxes: Iterable[Sequence[float]], threshold: float) -> dict[str, float]:
     """``iou, dice, pointing, cnr`` of one heatmap ``(H, W)`` against its boxes (module doc)."""
     m = normalise(heatmap)
@@ -160,7 +175,7 @@ def score_map(heatmap: np.ndarray, boxes: Iterable[Sequence[float]], threshold: 
     inside, outside = m[gt], m[~gt]
     spread = np.sqrt(inside.var() + outside.var()) if outside.size else 0.0
     contrast = abs(inside.mean() - outside.mean()) if outside.size else 0.0
-    return {"iou": inter / union, "dice": 2 * inter / total, "pointing": float(gt.flat[int(np.argmax(m))]),
+    return {"iou": inter / union, "dice": 2 * inter / total, "pointing": float(gt[peak(m)]),
             "cnr": float(contrast / spread) if spread > 0 else 0.0}
 
 

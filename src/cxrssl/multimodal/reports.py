@@ -357,3 +357,19 @@ def read_pairs(path: str | Path) -> pd.DataFrame:
             raise BadInputError(f"{path}:row {row + 1}", "sentences is not a non-empty JSON list of strings")
         sentences.append(value)
     return frame.assign(sentences=sentences)
+
+
+def prepare_pairs(layout: str, root: str | Path, out_csv: str | Path, *, seed: int, val_fraction: float,
+                  test_fraction: float, force_test: Iterable[str] = (), on_bad_input: str = "fail",
+                  quarantine_csv: str | Path | None = None, **kwargs) -> pd.DataFrame:
+    """Parse a report corpus, split it by patient and write the pairs table (and the quarantine CSV).
+
+    What a thin script or a rule calls; ``kwargs`` go to :func:`load_iu` / :func:`load_mimic`.
+    """
+    quarantine = Quarantine(on_bad_input, stage=f"reports_{layout}")
+    pairs = patient_split(load_reports(layout, root, quarantine, **kwargs), val_fraction, test_fraction, seed,
+                          force_test)
+    write_pairs(pairs, out_csv)
+    quarantine.write(quarantine_csv or Path(out_csv).with_name("quarantine.csv"))
+    log.info("pairs: %s", pairs["split"].value_counts().to_dict())
+    return pairs

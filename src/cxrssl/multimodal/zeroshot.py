@@ -107,14 +107,16 @@ def _panel(panels: dict, images: dict, path: Path, per_finding: int) -> None:
 
 
 def demo_localisation(demo_root: str | Path, pairs: pd.DataFrame, run_dir: str | Path, out_dir: str | Path,
-                      seed: int = 0, n_boot: int = 1000, val_fraction: float = 0.4, boxes: str = "nih") -> pd.DataFrame:
+                      seed: int = 0, n_boot: int = 1000, val_fraction: float = 0.4, boxes: str = "nih",
+                      images: set[str] | None = None) -> pd.DataFrame:
     """Zero-shot localisation on the demo's held-out NIH-like images (module doc).
 
-    ``pairs``: the MIMIC-layout pairs table (its sentences); ``boxes``: ``nih`` or ``rsna``.
+    ``pairs``: the MIMIC-layout pairs table (its sentences); ``boxes``: ``nih`` or ``rsna``;
+    ``images``: the NIH image names to score (default: the NIH ``test_list``).
     """
     root = Path(demo_root)
     q = Quarantine("skip", stage="zero_shot")
-    test_list = set((root / "nih" / "test_list.txt").read_text().split())
+    test_list = images if images is not None else set((root / "nih" / "test_list.txt").read_text().split())
     if boxes == "nih":
         frame = read_nih_boxes(root / "reports" / "localization" / "nih" / "BBox_List_2017.csv", q)
     else:
