@@ -12,15 +12,17 @@ Exports (:meth:`MultimodalMethod.export`) in ``out_dir``:
 * ``image_encoder.pth``: plain torchvision ResNet state dict without ``fc`` (the project's
   backbone contract: linear evaluation and detection take it as ``init``), with the sidecar
   ``image_encoder.json`` ``{method, arch, library, ...}``;
-* ``model.pth`` (every weight, tensors only) + ``model.json`` (settings) + ``text_encoder/``
-  (Hugging Face folder: config, weights, tokenizer), which :func:`load_trained` rebuilds for
-  zero-shot localisation.
+* ``model.pth`` (every weight, tensors only) + ``text_encoder/`` (Hugging Face folder: config,
+  weights, tokenizer; renamed into place whole) + ``model.json`` (settings; written last), which
+  :func:`load_trained` rebuilds for zero-shot localisation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +33,8 @@ from torch import nn
 from cxrssl.io import atomic_torch_save, atomic_write_json
 from cxrssl.multimodal.image import ImageEncoder, resnet_feature_map
 from cxrssl.multimodal.losses import MultimodalLoss
-from cxrssl.multimodal.text import BIOCLINICALBERT, SentenceTextEncoder, build_text_encoder, load_pretrained
+from cxrssl.multimodal.text import (BIOCLINICALBERT, SentenceTextEncoder, build_text_encoder, load_pretrained,
+                                    quiet_progress)
 from cxrssl.runtime import load_checkpoint
 from cxrssl.ssl.augment import normalize_views
 from cxrssl.ssl.lars import lr_factor
@@ -207,11 +210,26 @@ class MultimodalMethod:
                            "mean/std", "init": self.s.init, **(info or {})}, out / IMAGE_SIDECAR)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         atomic_torch_save(state, out / MODEL)
-        text_dir = out / TEXT_DIR
-        model.text.model.save_pretrained(text_dir)
-        model.text.tokenizer.save_pretrained(text_dir)
+        _save_text_encoder(model.text, out / TEXT_DIR)
         atomic_write_json({"method": METHOD, "settings": asdict(self.s), **(info or {})}, out / MODEL_JSON)
         return path
+
+
+def _save_text_encoder(text: SentenceTextEncoder, folder: Path) -> None:
+    """``save_pretrained`` into a temporary folder renamed into place: never a half-written folder."""
+    quiet_progress()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        text.model.save_pretrained(tmp)
+        text.tokenizer.save_pretrained(tmp)
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[MultimodalModel, MultimodalSettings]:

@@ -83,6 +83,16 @@ def scratch_bert(tokenizer, hidden: int, layers: int, heads: int, intermediate: 
     return BertModel(config, add_pooling_layer=False)
 
 
+def quiet_progress() -> None:
+    """Silence transformers' own progress bars (weight loading/saving) when cxrssl's are off."""
+    from transformers.utils import logging as hf_logging
+
+    from cxrssl.utils import progress_disabled
+
+    if progress_disabled():
+        hf_logging.disable_progress_bar()
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
@@ -97,6 +107,7 @@ def load_pretrained(name_or_path: str, local_files_only: bool | None = None):
     """
     from transformers import AutoModel, AutoTokenizer
 
+    quiet_progress()
     path = Path(name_or_path).expanduser()
     local = path.is_dir()
     if not local and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
