@@ -1,7 +1,7 @@
 # Stage: demo. The synthetic dataset in the real NIH ChestX-ray14 and VinDr-CXR layouts, written
 # where nih.root and vindr.root point by default, so downstream rules read it like the real data;
-# plus reports of the NIH-like images (IU X-ray and MIMIC-CXR layouts) and localisation box files
-# (NIH BBox_List_2017.csv and RSNA stage_2_train_labels.csv layouts) under reports/.
+# plus reports of the NIH-like images (IU X-ray and MIMIC-CXR layouts) and a held-out localisation
+# set (NIH BBox_List_2017.csv, RSNA stage_2_train_labels.csv and MS-CXR layouts) under reports/.
 
 import os
 import sys
@@ -33,6 +33,7 @@ DEMO_REPORT_FILES = [
         "nih_link.csv",
         "localization/nih/BBox_List_2017.csv",
         "localization/rsna/stage_2_train_labels.csv",
+        "localization/ms_cxr/MS_CXR_Local_Alignment_v1.1.0.csv",
     )
 ]
 

@@ -354,19 +354,19 @@ def test_resume_after_kill_is_bit_identical(corpus, tmp_path):
     emb = model.embed_sentences(["There is a nodule."])
     assert emb.shape == (1, 16) and torch.isfinite(emb).all()
 
-    # zero-shot localisation end to end (functional: this tiny model has not learned to localise)
-    from cxrssl.multimodal.reports import read_pairs
+    # zero-shot localisation end to end on the held-out set, every box layout (functional: this
+    # tiny model has not learned to localise)
     from cxrssl.multimodal.zeroshot import demo_localisation
 
-    for boxes in ("nih", "rsna"):
-        every = {p.name for p in (corpus[2] / "nih").glob("images_*/images/*.png")}
-        summary = demo_localisation(corpus[2], read_pairs(pairs), full.parent, tmp_path / f"zs_{boxes}", n_boot=20,
-                                    val_fraction=0.5, boxes=boxes, images=every)
-        assert set(summary["source"]) == {"model", "random", "centre"} and "prompt" in set(summary["query"])
+    for boxes in ("nih", "rsna", "ms_cxr"):
+        summary = demo_localisation(corpus[2], full.parent, tmp_path / f"zs_{boxes}", n_boot=20, val_fraction=0.5,
+                                    boxes=boxes)
+        assert set(summary["source"]) == {"model", "random", "centre"}
+        assert set(summary["query"]) == ({"prompt", "sentence"} if boxes == "ms_cxr" else {"prompt"})
         assert summary["mean"].notna().all() and (summary["ci_low"] <= summary["mean"] + 1e-12).all()
         scores = pd.read_csv(tmp_path / f"zs_{boxes}" / "scores.csv")
         assert scores.groupby(["query", "source"]).size().nunique() == 1  # baselines scored on the same items
-    assert (tmp_path / "zs_nih" / "panel.png").stat().st_size > 5000
+    assert (tmp_path / "zs_ms_cxr" / "panel.png").stat().st_size > 5000
 
     # a checkpoint of other settings is not resumed
     other = pretrain_multimodal(pairs, mimic, tmp_path / "cut", tiny_settings(text_dropout=0.1, epochs=1), seed=4,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cxrssl.errors import BadInputError, Quarantine
 from cxrssl.multimodal.localize import (RSNA_FINDING, bootstrap_ci, box_mask, centre_map, choose_threshold,
-                                        evaluate_maps, finding_sentence, localisation_items, random_map,
+                                        evaluate_maps, localisation_items, random_map, read_ms_cxr,
                                         read_nih_boxes, read_rsna_labels, score_map, split_images)
 
 
@@ -138,15 +138,6 @@ def test_split_images_patient_disjoint():
     assert split == split_images(list(reversed(ids)), 0.3, seed=1, patient_of=lambda i: i[:8])
 
 
-def test_finding_sentence_skips_negations():
-    sentences = ["No pneumothorax.", "There is no pleural effusion.", "Small left pneumothorax without shift.",
-                 "A 1.2 cm nodule in the right upper zone."]
-    assert finding_sentence(sentences, "Pneumothorax") == "Small left pneumothorax without shift."
-    assert finding_sentence(sentences, "Effusion") is None
-    assert finding_sentence(sentences, "Nodule").startswith("A 1.2 cm nodule")
-    assert finding_sentence(["No suspicious pulmonary nodules or masses."], "Mass") is None
-
-
 NIH_TEXT = ("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
             "00013118_008.png,Atelectasis,225.084745762712,547.019216763771,86.7796610169491,79.1864406779661,,,\n"
             "00014716_007.png,Infiltrate,686.101694915254,131.543209876543,185.491525423729,313.491525423729,,,\n"
@@ -186,3 +177,19 @@ def test_read_rsna_labels(tmp_path):
     assert len(boxes) == 2 and (boxes["finding"] == RSNA_FINDING).all()
     assert ids == ["0004cfab-14fd-4e49-80ba-63a80b6bddd6", "00436515-870c-4b36-a041-de91049b9ab4"]
     assert [r for _, r in q.items][0].startswith("patientId") and "Target 0 with a box" in q.items[1][1]
+
+
+def test_read_ms_cxr_keeps_each_sentence_with_its_boxes(tmp_path):
+    path = tmp_path / "MS_CXR_Local_Alignment_v1.1.0.csv"
+    path.write_text(
+        "dicom_id,category_name,label_text,path,x,y,w,h,image_width,image_height,split\n"
+        "d1,Pneumonia,Right lower lobe pneumonia,files/p1/p1/s1/d1.jpg,10,20,30,40,100,100,train\n"
+        "d1,Pneumonia,Right lower lobe pneumonia,files/p1/p1/s1/d1.jpg,50,20,30,40,100,100,train\n"
+        "d1,Pneumonia,Left basal opacity,files/p1/p1/s1/d1.jpg,60,60,10,10,100,100,train\n"
+        "d2,Cardiomegaly,,files/p2/p2/s2/d2.jpg,1,1,1,1,100,100,test\n")
+    q = Quarantine("skip")
+    frame = read_ms_cxr(path, q)
+    assert len(frame) == 3 and len(q) == 1 and "empty" in q.items[0][1]
+    items = localisation_items(frame)
+    assert items["sentence"].tolist() == ["Left basal opacity", "Right lower lobe pneumonia"]
+    assert len(items.iloc[1]["boxes"]) == 2

@@ -391,36 +391,43 @@ def test_demo_reports_both_layouts_describe_the_same_image(demo):
 
 
 def test_demo_locations_follow_the_drawn_boxes(demo):
-    """The side and zone a sentence names are where the box is (image left = patient's right)."""
-    boxes = pd.read_csv(demo / "reports" / "localization" / "nih" / "BBox_List_2017.csv")
-    assert (demo / "reports" / "localization" / "nih" / "BBox_List_2017.csv").read_text().startswith(
-        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
-    iu = load_iu(demo / "reports" / "iu_xray", Quarantine("skip"))
-    link = pd.read_csv(demo / "reports" / "nih_link.csv", dtype=str, keep_default_na=False).set_index("Image Index")
-    sentences = dict(zip(iu["image_id"], iu["sentences"]))
+    """The side a report sentence names is where the box is (image left = patient's right)."""
+    loc = demo / "reports" / "localization"
+    ms = pd.read_csv(loc / "ms_cxr" / "MS_CXR_Local_Alignment_v1.1.0.csv")
+    assert list(ms.columns) == demo_reports.MS_CXR_COLUMNS
     size = SIZES["image_size"]
-    checked = 0
-    for row in boxes.itertuples(index=False):
-        if row[1] not in ("Nodule", "Mass") or link.loc[row[0], "iu_image_id"] not in sentences:
-            continue
-        said = next(s for s in sentences[link.loc[row[0], "iu_image_id"]] if row[1].lower() in s.lower())
-        side = "right" if row[2] + row[4] / 2 < size / 2 else "left"
-        assert side in said.lower(), (row, said)
-        checked += 1
-    assert checked >= 1
+    lateral = ms[ms["category_name"].isin(["Pneumothorax", "Pleural Effusion", "Lung Opacity", "Pneumonia"])]
+    for row in lateral.itertuples(index=False):
+        side = "right" if row.x + row.w / 2 < size / 2 else "left"
+        assert side in row.label_text.lower(), row
+    assert len(lateral) >= 1 and (loc / ms["path"].iloc[0]).is_file()
 
 
-def test_demo_rsna_layout(demo):
-    path = demo / "reports" / "localization" / "rsna" / "stage_2_train_labels.csv"
+def test_demo_localisation_set_is_held_out_and_in_three_layouts(demo):
+    loc = demo / "reports" / "localization"
+    images = sorted(p.name for p in (loc / "images").glob("*.png"))
+    assert len(images) == max(8, SIZES["n_nih"] // 2)
+    nih_names = set(pd.read_csv(demo / "nih" / "Data_Entry_2017.csv")["Image Index"])
+    assert not set(images) & nih_names  # no NIH list, no report corpus has them
+    assert {Image.open(loc / "images" / n).size for n in images} == {(SIZES["image_size"],) * 2}
+    text = (loc / "nih" / "BBox_List_2017.csv").read_text()
+    assert text.startswith("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+    boxes = pd.read_csv(loc / "nih" / "BBox_List_2017.csv")
+    assert set(boxes["Image Index"]) == set(images)  # every image is abnormal
+    assert set(boxes["Finding Label"]) <= set(demo_reports.BBOX_LABELS.values())
+    path = loc / "rsna" / "stage_2_train_labels.csv"
     assert path.read_text().splitlines()[0] == "patientId,x,y,width,height,Target"
     frame = pd.read_csv(path)
-    assert set(frame["patientId"]) == {n[:-4] for n in pd.read_csv(demo / "nih" / "Data_Entry_2017.csv")["Image Index"]}
+    assert set(frame["patientId"]) == {n[:-4] for n in images}
     neg = frame["Target"] == 0
     assert frame.loc[neg, ["x", "y", "width", "height"]].isna().all().all()
     assert (frame.loc[~neg, ["width", "height"]] > 0).all().all()
     assert frame[neg]["patientId"].is_unique and not set(frame[neg]["patientId"]) & set(frame[~neg]["patientId"])
+    opacity = boxes[boxes["Finding Label"].isin(["Infiltrate", "Pneumonia"])]
+    assert (~neg).sum() == len(opacity)
     manifest = json.loads((demo / "manifest.json").read_text())
     assert manifest["reports"]["reports"] == SIZES["n_nih"]
+    assert manifest["reports"]["localization"]["images"] == len(images)
     for rel in demo_reports.KEY_FILES:
         assert f"reports/{rel}" in manifest["files"]
 

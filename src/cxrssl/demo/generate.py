@@ -27,7 +27,8 @@ _GENERATED = (
     ("nih", re.compile(r"images_\d{3}/images/\d{8}_\d{3}\.png")),
     ("vindr", re.compile(r"(train|test)/[0-9a-f]{32}\.dicom")),
     ("reports", re.compile(r"iu_xray/(ecgen-radiology/\d+\.xml|NLMCXR_png/CXR\d+_IM-\d{4}-\d{4}\.png)"
-                           r"|mimic_cxr/files/p\d\d/p\d{8}/s\d{8}(\.txt|/[0-9a-f-]{44}\.jpg)")),
+                           r"|mimic_cxr/files/p\d\d/p\d{8}/s\d{8}(\.txt|/[0-9a-f-]{44}\.jpg)"
+                           r"|localization/images/\d{8}_\d{3}\.png")),
 )
 REPORTS = "reports"  # reports of the NIH-like images and localisation box files (cxrssl.demo.reports)
 

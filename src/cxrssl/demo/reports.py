@@ -19,12 +19,16 @@ then in the IMPRESSION), one report with no usable text and one with no frontal 
 parsers must quarantine. ``nih_link.csv`` (demo only) says which NIH-like image each report
 describes: MIMIC ``subject_id`` is ``10_000_000 + NIH Patient ID``.
 
-Localisation boxes (``localization/``): ``nih/BBox_List_2017.csv`` in the real NIH layout with
-every box of the 8 NIH box findings (the NIH folder's own list keeps the real list's ~1 %
-coverage), and ``rsna/stage_2_train_labels.csv`` in the RSNA Pneumonia layout (the real RSNA
-labels are on NIH ChestX-ray14 images too): one row per opacity box (Infiltration, Pneumonia,
-Consolidation), ``Target`` 0 rows with empty box fields for the other images, ``patientId`` = the
-NIH image stem (no DICOM copies are written).
+Localisation set (``localization/``): NIH-like images of their own (``images/<name>.png``,
+patients 90000001.., in no NIH list and with no report in the corpora, so no pretraining ever
+sees them), every one abnormal (1-2 of the 8 NIH box findings), with the boxes in three real
+layouts: ``nih/BBox_List_2017.csv`` (NIH, "Infiltrate" spelling), ``rsna/stage_2_train_labels.csv``
+(RSNA Pneumonia: one row per opacity box, Infiltration and Pneumonia; ``Target`` 0 rows with empty
+box fields for the other images; ``patientId`` = the image stem, as the real RSNA labels are on
+NIH ChestX-ray14 images; no DICOM copies) and ``ms_cxr/MS_CXR_Local_Alignment_v1.1.0.csv`` (MS-CXR
+phrase grounding: ``dicom_id, category_name, label_text, path, x, y, w, h, image_width,
+image_height, split``; a report sentence per box, MS-CXR's categories only, ``path`` relative to
+``localization/``). Half as many images as the NIH part (at least 8).
 
 Text comes from a random stream of its own, so the NIH and VinDr files are unchanged.
 """
@@ -42,8 +46,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cxrssl.demo.nih import BBOX_HEADER, BBOX_LABELS, _csv_line
-from cxrssl.demo.phantom import Anatomy
+from cxrssl.demo.nih import BBOX_HEADER, BBOX_LABELS, _csv_line, render_nih
+from cxrssl.demo.phantom import NIH_PAINTERS, Anatomy
 from cxrssl.io import atomic_path, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,9 +61,18 @@ MIMIC_METADATA = f"{MIMIC_DIR}/mimic-cxr-2.0.0-metadata.csv"
 LINK = "nih_link.csv"
 NIH_BOXES = f"{LOC_DIR}/nih/BBox_List_2017.csv"
 RSNA_LABELS = f"{LOC_DIR}/rsna/stage_2_train_labels.csv"
+MS_CXR = f"{LOC_DIR}/ms_cxr/MS_CXR_Local_Alignment_v1.1.0.csv"
+LOC_IMAGES = f"{LOC_DIR}/images"
 #: Files the Snakemake rule declares (relative to the reports root).
-KEY_FILES = (IU_PROJECTIONS, MIMIC_METADATA, LINK, NIH_BOXES, RSNA_LABELS)
-RSNA_OPACITY = ("Infiltration", "Pneumonia", "Consolidation")
+KEY_FILES = (IU_PROJECTIONS, MIMIC_METADATA, LINK, NIH_BOXES, RSNA_LABELS, MS_CXR)
+RSNA_OPACITY = ("Infiltration", "Pneumonia")
+#: NIH finding -> MS-CXR category (MS-CXR has no nodule/mass category).
+MS_CXR_CATEGORY = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
+                   "Infiltration": "Lung Opacity", "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax",
+                   "Consolidation": "Consolidation", "Edema": "Edema"}
+MS_CXR_COLUMNS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width",
+                  "image_height", "split"]
+LOC_PATIENT_OFFSET = 90_000_000
 MIMIC_METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                           "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
                           "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
@@ -161,6 +174,12 @@ def _fill(template: str, box, anatomy: Anatomy, size: int, finding: str) -> str:
     return template.format(**words)
 
 
+def finding_text(finding: str, box, anatomy: Anatomy, size: int, rng: np.random.Generator) -> str:
+    """One sentence describing ``finding`` at ``box`` (a random template of its own)."""
+    templates = _POSITIVE[finding]
+    return _fill(templates[int(rng.integers(len(templates)))], box, anatomy, size, finding)
+
+
 def compose_report(record: dict, rng: np.random.Generator, deid: str) -> dict:
     """Sections (comparison, indication, findings, impression) of one image's report.
 
@@ -168,8 +187,7 @@ def compose_report(record: dict, rng: np.random.Generator, deid: str) -> dict:
     """
     present = record["findings"]
     boxes, anatomy, size = record["boxes"], record["anatomy"], record["image_size"]
-    positive = [_fill(_POSITIVE[f][int(rng.integers(len(_POSITIVE[f])))], boxes.get(f), anatomy, size, f)
-                for f in present]
+    positive = [finding_text(f, boxes.get(f), anatomy, size, rng) for f in present]
     negative = [text for rules, text in _NEGATIVE if not set(rules) & set(present)]
     negative = [negative[int(j)] for j in sorted(rng.permutation(len(negative))[:int(rng.integers(1, 4))])]
     normal = [text for rules, text in _NORMAL if not set(rules) & set(present)]
@@ -258,7 +276,7 @@ def make_reports(root: str | Path, records: list[dict], *, seed: int) -> tuple[d
     n = len(records)
     no_text = {n // 2} if n >= 8 else set()  # reports the parsers must quarantine
     no_frontal = {n // 3} if n >= 8 else set()
-    projections, metadata, links, nih_boxes, rsna, written = [], [], [], [], [], []
+    projections, metadata, links, written = [], [], [], []
     empty_findings = 0
     for rec in records:
         i, name, pid, view = rec["index"], rec["name"], rec["patient_id"], rec["view"]
@@ -302,28 +320,57 @@ def make_reports(root: str | Path, records: list[dict], *, seed: int) -> tuple[d
                 _save_jpeg(rec["path"], written[-1])
         links.append([name, pid, uid, frontal_id if i not in no_frontal else "", subject, study,
                       dicom_id(seed, name, view) if i not in no_frontal else "", rec["test"]])
-        for f, box in rec["boxes"].items():
-            x0, y0, x1, y1 = box
-            if f in BBOX_LABELS:
-                nih_boxes.append([name, BBOX_LABELS[f], x0, y0, x1 - x0, y1 - y0])
-            if f in RSNA_OPACITY:
-                rsna.append([name[:-4], x0, y0, x1 - x0, y1 - y0, 1])
-        if not any(f in RSNA_OPACITY for f in rec["boxes"]):
-            rsna.append([name[:-4], None, None, None, None, 0])
 
     atomic_write_csv(pd.DataFrame(projections, columns=["uid", "filename", "projection"]), root / IU_PROJECTIONS)
     atomic_write_csv(pd.DataFrame(metadata, columns=MIMIC_METADATA_COLUMNS), root / MIMIC_METADATA)
     atomic_write_csv(pd.DataFrame(links, columns=["Image Index", "Patient ID", "iu_uid", "iu_image_id", "subject_id",
                                                   "study_id", "dicom_id", "nih_test"]), root / LINK)
-    atomic_write_text(BBOX_HEADER + "\n" + "".join(
-        _csv_line([r[0], r[1], *(f"{v:.6f}" for v in r[2:])]) for r in nih_boxes), root / NIH_BOXES)
-    atomic_write_text("patientId,x,y,width,height,Target\n" + "".join(
-        _csv_line([r[0], *("" if v is None else f"{v:.1f}" for v in r[1:5]), r[5]]) for r in rsna), root / RSNA_LABELS)
+    loc, loc_files = make_localization_set(root, max(8, n // 2), records[0]["image_size"] if records else 64,
+                                           seed=seed)
+    written += loc_files
     summary = {"reports": n, "empty_findings": empty_findings, "no_usable_text": len(no_text),
-               "no_frontal_image": len(no_frontal), "nih_boxes": len(nih_boxes),
-               "rsna_boxes": sum(r[5] for r in rsna), "rsna_patients": len({r[0] for r in rsna})}
+               "no_frontal_image": len(no_frontal), "localization": loc}
     log.info("demo reports: %s", summary)
     return summary, written
+
+
+def make_localization_set(root: Path, n: int, size: int, *, seed: int) -> tuple[dict, list[Path]]:
+    """The held-out localisation images and their NIH, RSNA and MS-CXR box files (module doc)."""
+    names = list(BBOX_LABELS)
+    weights = np.array([NIH_PAINTERS[f][1] for f in names])
+    nih_rows, rsna_rows, ms_rows, written = [], [], [], []
+    for k in range(n):
+        rng = np.random.default_rng([seed, STREAM, 1_000_000 + k])
+        picked = rng.choice(len(names), size=int(rng.choice([1, 2], p=[0.6, 0.4])), replace=False,
+                            p=weights / weights.sum())
+        findings = sorted(names[int(j)] for j in picked)
+        anatomy = Anatomy.sample(rng)
+        img, boxes = render_nih(size, anatomy, findings, rng)
+        name = f"{LOC_PATIENT_OFFSET + k + 1:08d}_000.png"
+        written.append(root / LOC_IMAGES / name)
+        with atomic_path(written[-1]) as tmp:
+            Image.fromarray(img, mode="L").save(tmp, format="PNG")
+        opacity = False
+        for f in findings:
+            x0, y0, x1, y1 = boxes[f]
+            nih_rows.append([name, BBOX_LABELS[f], x0, y0, x1 - x0, y1 - y0])
+            if f in RSNA_OPACITY:
+                rsna_rows.append([name[:-4], x0, y0, x1 - x0, y1 - y0, 1])
+                opacity = True
+            if f in MS_CXR_CATEGORY:
+                ms_rows.append([name[:-4], MS_CXR_CATEGORY[f], finding_text(f, boxes[f], anatomy, size, rng),
+                                f"images/{name}", round(x0), round(y0), round(x1 - x0), round(y1 - y0), size, size,
+                                "test"])
+        if not opacity:
+            rsna_rows.append([name[:-4], None, None, None, None, 0])
+    atomic_write_text(BBOX_HEADER + "\n" + "".join(
+        _csv_line([r[0], r[1], *(f"{v:.6f}" for v in r[2:])]) for r in nih_rows), root / NIH_BOXES)
+    atomic_write_text("patientId,x,y,width,height,Target\n" + "".join(
+        _csv_line([r[0], *("" if v is None else f"{v:.1f}" for v in r[1:5]), r[5]]) for r in rsna_rows),
+        root / RSNA_LABELS)
+    atomic_write_csv(pd.DataFrame(ms_rows, columns=MS_CXR_COLUMNS), root / MS_CXR)
+    return {"images": n, "nih_boxes": len(nih_rows), "rsna_boxes": sum(r[5] for r in rsna_rows),
+            "ms_cxr_boxes": len(ms_rows)}, written
 
 
 def _copy(src: Path, dst: Path) -> None:

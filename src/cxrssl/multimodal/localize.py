@@ -21,9 +21,11 @@ sigma = a quarter of the side). Confidence intervals: percentile bootstrap over 
 image's items are resampled together).
 
 Box files: NIH ``BBox_List_2017.csv`` (header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``,
-read by position, "Infiltrate" as spelled there) and RSNA ``stage_2_train_labels.csv``
+read by position, "Infiltrate" as spelled there), RSNA ``stage_2_train_labels.csv``
 (``patientId,x,y,width,height,Target``; Target 1 rows are "Lung Opacity" boxes scored with
-pneumonia prompts, Target 0 rows carry no box).
+pneumonia prompts, Target 0 rows carry no box) and MS-CXR ``MS_CXR_Local_Alignment_v1.1.0.csv``
+(``dicom_id, category_name, label_text, path, x, y, w, h, ...``; its ``label_text`` is the
+report sentence of the box, the query of sentence grounding; its ``split`` column is ignored).
 """
 
 from __future__ import annotations
@@ -55,15 +57,11 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     "Pneumonia": ("There is consolidation concerning for pneumonia.", "Pneumonia."),
     "Pneumothorax": ("There is a pneumothorax.", "Pneumothorax."),
     RSNA_FINDING: ("There is an airspace opacity concerning for pneumonia.", "Consolidation consistent with pneumonia."),
+    # MS-CXR categories
+    "Pleural Effusion": ("There is a pleural effusion.", "Pleural effusion."),
+    "Consolidation": ("There is consolidation.", "Airspace consolidation."),
+    "Edema": ("There is pulmonary edema.", "Pulmonary edema."),
 }
-#: Words that name a finding in a report sentence (lower case, prefixes).
-KEYWORDS: dict[str, tuple[str, ...]] = {
-    "Atelectasis": ("atelecta",), "Cardiomegaly": ("cardiomegaly", "heart is enlarged", "silhouette is enlarged"),
-    "Effusion": ("effusion",), "Infiltrate": ("infiltrat",), "Mass": ("mass",), "Nodule": ("nodul",),
-    "Pneumonia": ("pneumonia",), "Pneumothorax": ("pneumothorax",),
-    RSNA_FINDING: ("pneumonia", "consolidation", "infiltrat", "opacit"),
-}
-_NEGATION = re.compile(r"\b(no|without|negative for|free of|resolved)\b")
 METRICS = ("iou", "dice", "pointing", "cnr")
 
 
@@ -124,10 +122,36 @@ def read_rsna_labels(path: str | Path, quarantine: Quarantine) -> tuple[pd.DataF
     return _boxes_frame(rows), sorted(set(ids))
 
 
+def read_ms_cxr(path: str | Path, quarantine: Quarantine) -> pd.DataFrame:
+    """MS-CXR phrase grounding -> ``image_id`` (dicom_id), ``finding`` (category), box, ``sentence``, ``path``."""
+    path = Path(path)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    need = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h"]
+    missing = [c for c in need if c not in frame.columns]
+    if missing:
+        raise BadInputError(str(path), f"missing column(s) {missing}; has {list(frame.columns)}")
+    rows = []
+    for k, r in enumerate(frame.itertuples(index=False)):
+        where = f"{path}:row {k + 1}"
+        try:
+            if not (r.dicom_id.strip() and r.category_name.strip() and r.label_text.strip() and r.path.strip()):
+                raise BadInputError(where, "empty dicom_id, category_name, label_text or path")
+            rows.append([r.dicom_id.strip(), r.category_name.strip(), *_check_box(where, [r.x, r.y, r.w, r.h]),
+                         r.label_text.strip(), r.path.strip()])
+        except BadInputError as err:
+            quarantine.add(err)
+    return pd.DataFrame(rows, columns=[*BOX_COLUMNS, "sentence", "path"]).astype(
+        {"x": float, "y": float, "w": float, "h": float})
+
+
 def localisation_items(boxes: pd.DataFrame) -> pd.DataFrame:
-    """One item per (image, finding): ``image_id, finding, boxes`` (list of [x, y, w, h])."""
-    grouped = boxes.groupby(["image_id", "finding"], sort=True)[["x", "y", "w", "h"]]
-    return pd.DataFrame([dict(image_id=i, finding=f, boxes=g.to_numpy().tolist()) for (i, f), g in grouped])
+    """One item per (image, finding[, sentence]): ``image_id, finding, boxes`` (list of [x, y, w, h]).
+
+    With a ``sentence`` column (MS-CXR) the boxes of one sentence form one item, which keeps it.
+    """
+    keys = ["image_id", "finding"] + (["sentence"] if "sentence" in boxes.columns else [])
+    grouped = boxes.groupby(keys, sort=True)[["x", "y", "w", "h"]]
+    return pd.DataFrame([dict(zip(keys, key), boxes=g.to_numpy().tolist()) for key, g in grouped])
 
 
 # --- metrics of one map ----------------------------------------------------------------------------
@@ -211,16 +235,6 @@ def centre_map(shape: tuple[int, int]) -> np.ndarray:
 
 
 # --- model heatmaps --------------------------------------------------------------------------------
-
-def finding_sentence(sentences: Sequence[str], finding: str) -> str | None:
-    """The first report sentence that names ``finding`` without negating it (None if there is none)."""
-    for sentence in sentences:
-        low = sentence.lower()
-        hits = [low.find(k) for k in KEYWORDS.get(finding, (finding.lower(),)) if k in low]
-        if hits and not _NEGATION.search(low[: min(hits)]):
-            return sentence
-    return None
-
 
 @torch.no_grad()
 def image_regions(model, images: np.ndarray, batch_size: int = 32) -> tuple[torch.Tensor, tuple[int, int]]:
