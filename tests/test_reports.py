@@ -112,6 +112,8 @@ def test_iu_sections_deid_and_sentences():
     assert split_sentences(rec["sections"]["findings"]) == [
         "There is a 2.5 cm nodule in the right upper lobe.", "Dr. was notified at.", "No pneumothorax."]
     assert split_sentences(rec["sections"]["impression"]) == ["Right upper lobe nodule.", "Normal chest x-."]
+    assert clean_text("notified at XXXX, XXXX. Normal chest x-XXXX.") == "notified at. Normal chest x-."
+    assert clean_text("Findings:\n  ___ \n were   discussed") == "Findings: were discussed"
     empty = parse_iu_xml_text(IU_EMPTY_FINDINGS)["sections"]
     assert empty["findings"] == "" and empty["comparison"] == "" and "indication" not in empty
 

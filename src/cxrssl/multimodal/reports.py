@@ -66,6 +66,7 @@ def clean_text(text: str | None) -> str:
     text = " ".join(text.split())
     text = re.sub(r"\s+([.,;:])", r"\1", text)  # "at  ." -> "at."
     text = re.sub(r"([.,;:])(?:\s*[,;:])+", r"\1", text)
+    text = re.sub(r"[,;:]+(?=\.)", "", text)  # "at XXXX, XXXX." -> "at."
     return text.strip(" ,;:")
 
 
