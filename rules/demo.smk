@@ -1,5 +1,7 @@
 # Stage: demo. The synthetic dataset in the real NIH ChestX-ray14 and VinDr-CXR layouts, written
-# where nih.root and vindr.root point by default, so downstream rules read it like the real data.
+# where nih.root and vindr.root point by default, so downstream rules read it like the real data;
+# plus reports of the NIH-like images (IU X-ray and MIMIC-CXR layouts) and a held-out localisation
+# set (NIH BBox_List_2017.csv, RSNA stage_2_train_labels.csv and MS-CXR layouts) under reports/.
 
 import os
 import sys
@@ -20,6 +22,18 @@ DEMO_VINDR_FILES = [
         "annotations/annotations_test.csv",
         "annotations/image_labels_train.csv",
         "annotations/image_labels_test.csv",
+    )
+]
+# Reports and box files (cxrssl.demo.reports.KEY_FILES), for the multimodal method.
+DEMO_REPORT_FILES = [
+    f"{DEMO_ROOT}/reports/{name}"
+    for name in (
+        "iu_xray/indiana_projections.csv",
+        "mimic_cxr/mimic-cxr-2.0.0-metadata.csv",
+        "nih_link.csv",
+        "localization/nih/BBox_List_2017.csv",
+        "localization/rsna/stage_2_train_labels.csv",
+        "localization/ms_cxr/MS_CXR_Local_Alignment_v1.1.0.csv",
     )
 ]
 
@@ -43,6 +57,7 @@ if DEMO["enabled"]:
             ),
             nih=DEMO_NIH_FILES,
             vindr=DEMO_VINDR_FILES,
+            reports=DEMO_REPORT_FILES,
         log:
             f"{LOGS}/demo/make_demo_data.log",
         benchmark:

@@ -1,4 +1,4 @@
-"""Entry point of the demo generator: both datasets, a preview montage, then the manifest."""
+"""Entry point of the demo generator: both datasets, the NIH images' reports, a preview, then the manifest."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pandas as pd
 import pydicom
 from PIL import Image, ImageDraw
 
+from cxrssl.demo import reports as demo_reports
 from cxrssl.demo.nih import make_nih
 from cxrssl.demo.vindr import make_vindr
 from cxrssl.io import atomic_path, atomic_write_json, atomic_write_text
@@ -25,7 +26,11 @@ FORMAT_VERSION = 1
 _GENERATED = (
     ("nih", re.compile(r"images_\d{3}/images/\d{8}_\d{3}\.png")),
     ("vindr", re.compile(r"(train|test)/[0-9a-f]{32}\.dicom")),
+    ("reports", re.compile(r"iu_xray/(ecgen-radiology/\d+\.xml|NLMCXR_png/CXR\d+_IM-\d{4}-\d{4}\.png)"
+                           r"|mimic_cxr/files/p\d\d/p\d{8}/s\d{8}(\.txt|/[0-9a-f-]{44}\.jpg)"
+                           r"|localization/images/\d{8}_\d{3}\.png")),
 )
+REPORTS = "reports"  # reports of the NIH-like images and localisation box files (cxrssl.demo.reports)
 
 
 def make_demo_dataset(root: str | Path, *, n_nih: int = 240, n_nih_patients: int = 80, n_vindr_train: int = 120,
@@ -46,10 +51,13 @@ def make_demo_dataset(root: str | Path, *, n_nih: int = 240, n_nih_patients: int
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
     atomic_write_text("cxrssl synthetic demo dataset (safe to delete)\n", root / MARKER)
-    nih, nih_files = make_nih(root / "nih", n_images=n_nih, n_patients=n_nih_patients, image_size=image_size, seed=seed)
+    records: list[dict] = []
+    nih, nih_files = make_nih(root / "nih", n_images=n_nih, n_patients=n_nih_patients, image_size=image_size,
+                              seed=seed, on_image=records.append)
+    reports, report_files = demo_reports.make_reports(root / REPORTS, records, seed=seed)
     vindr, vindr_files = make_vindr(root / "vindr", n_train=n_vindr_train, n_test=n_vindr_test, image_size=image_size,
                        seed=seed)
-    removed = _remove_stale(root, nih_files + vindr_files)
+    removed = _remove_stale(root, nih_files + vindr_files + report_files)
     write_preview(root, root / "preview.png")
     summary = {
         "format_version": FORMAT_VERSION,
@@ -58,6 +66,7 @@ def make_demo_dataset(root: str | Path, *, n_nih: int = 240, n_nih_patients: int
                      "n_vindr_test": n_vindr_test, "image_size": image_size},
         "nih": nih,
         "vindr": vindr,
+        "reports": reports,
         "files": sorted(str(p.relative_to(root)) for p in _key_files(root)),
     }
     atomic_write_json(summary, root / MANIFEST)
@@ -72,7 +81,8 @@ def _key_files(root: Path) -> list[Path]:
                                        "BBox_List_2017.csv")] + \
         [root / "vindr" / n for n in ("train.csv", "annotations/annotations_train.csv",
                                       "annotations/annotations_test.csv", "annotations/image_labels_train.csv",
-                                      "annotations/image_labels_test.csv")] + [root / "preview.png"]
+                                      "annotations/image_labels_test.csv")] + [root / "preview.png"] + \
+        [root / REPORTS / n for n in demo_reports.KEY_FILES]
 
 
 def _check_root(root: Path) -> None:

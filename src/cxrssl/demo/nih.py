@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +89,13 @@ def _csv_line(values) -> str:
 
 
 def make_nih(root: str | Path, *, n_images: int, n_patients: int, image_size: int,
-             seed: int) -> tuple[dict, list[Path]]:
+             seed: int, on_image: Callable[[dict], None] | None = None) -> tuple[dict, list[Path]]:
     """Write the NIH-like dataset under ``root`` (the folder that ``nih.root`` points at).
 
-    Returns the summary counts and the paths of the images written.
+    Returns the summary counts and the paths of the images written. ``on_image`` (optional) is
+    called with what is known about each image once it is written (index, name, patient, view,
+    findings, pixel boxes, anatomy, path, test patient or not), e.g. to write its report; it
+    draws nothing from this generator's random streams, so the NIH files stay the same bytes.
     """
     root = Path(root)
     if n_patients > n_images:
@@ -125,7 +129,8 @@ def make_nih(root: str | Path, *, n_images: int, n_patients: int, image_size: in
         irng = _rng(seed, 2, i)
         info = pat_info[pid]
         findings = _draw_findings(irng)
-        img, boxes = render_nih(image_size, info["anatomy"].jittered(irng), findings, irng)
+        anatomy = info["anatomy"].jittered(irng)
+        img, boxes = render_nih(image_size, anatomy, findings, irng)
         folder = root / f"images_{i // per_folder + 1:03d}" / "images"
         _save_png(img, folder / name, rgba=i in rgba_idx)
         written.append(folder / name)
@@ -134,6 +139,10 @@ def make_nih(root: str | Path, *, n_images: int, n_patients: int, image_size: in
         rows.append([name, "|".join(findings) or NIH_NO_FINDING, fu, pid, info["age"] + fu // 4, info["sex"], view,
                      info["width"], info["height"], info["spacing"], info["spacing"]])
         labels.append(findings)
+        if on_image is not None:
+            on_image(dict(index=i, name=name, patient_id=pid, view=view, findings=list(findings), boxes=dict(boxes),
+                          anatomy=anatomy, path=folder / name, image_size=image_size, sex=info["sex"],
+                          age=info["age"] + fu // 4, test=pid in test_patients))
         for f, (x0, y0, x1, y1) in boxes.items():
             if f in BBOX_LABELS:
                 bbox_rows.append([name, BBOX_LABELS[f], x0, y0, x1 - x0, y1 - y0])

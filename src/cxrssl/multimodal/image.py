@@ -1,0 +1,91 @@
+"""Image side: a backbone's feature map -> one global vector and a set of region features.
+
+Any backbone that maps ``(B, 3, H, W)`` images to a ``(B, C, h, w)`` feature map and says its
+``out_channels`` fits (:class:`FeatureMapBackbone`); each of the ``h * w`` cells is a region.
+:class:`ResNetFeatureMap` is the torchvision ResNet up to its last conv stage (``layer4``, the
+paper's local features); a ViT fits by reshaping its patch tokens to the patch grid.
+
+``output_stride=16`` turns layer4's stride-2 convolutions into stride 1 (a finer region grid:
+7x7 -> 14x14 at 224 px). Strides are not weights: the state dict stays torchvision's and loads
+into a standard ResNet (whose layer4 then runs at stride 32 again, as detection backbones do).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxrssl.models.backbone import FEATURE_DIMS, backbone_state_dict, build_resnet
+
+
+@runtime_checkable
+class FeatureMapBackbone(Protocol):
+    """What the image encoder needs of a backbone: ``forward(x) -> (B, C, h, w)`` and ``C``."""
+
+    out_channels: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class ResNetFeatureMap(nn.Module):
+    """A torchvision ResNet's last conv map (``fc`` dropped, ``avgpool`` unused)."""
+
+    def __init__(self, resnet: nn.Module, arch: str, output_stride: int = 32):
+        super().__init__()
+        if output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
+        resnet.fc = nn.Identity()
+        self.resnet, self.arch, self.output_stride = resnet, arch, output_stride
+        self.out_channels = FEATURE_DIMS[arch]
+        if output_stride == 16:
+            block = resnet.layer4[0]
+            conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides in conv2
+            conv.stride = (1, 1)
+            block.downsample[0].stride = (1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        return r.layer4(r.layer3(r.layer2(r.layer1(x))))
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """torchvision-format state dict without ``fc`` (what linear evaluation and detection load)."""
+        return backbone_state_dict(self.resnet)
+
+
+def resnet_feature_map(arch: str, init: str = "random", imagenet_weights=None, output_stride: int = 32):
+    """A :class:`ResNetFeatureMap` built through the project's backbone factory (any ``init``)."""
+    return ResNetFeatureMap(build_resnet(arch, init, imagenet_weights), arch, output_stride)
+
+
+class ImageEncoder(nn.Module):
+    """Backbone feature map -> global embedding (mean-pooled map, linear) and region embeddings (1x1 conv).
+
+    Separate projections for the global and local spaces, as in GLoRIA: the report-level and the
+    sentence-level alignment need not agree on one space.
+    """
+
+    def __init__(self, backbone: FeatureMapBackbone, embed_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.global_head = nn.Linear(backbone.out_channels, embed_dim)
+        self.local_head = nn.Conv2d(backbone.out_channels, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(global ``(B, D)``, regions ``(B, h*w, D)`` row-major, grid ``(h, w)``)."""
+        fmap = self.backbone(x)
+        glob = self.global_head(fmap.mean(dim=(2, 3)))
+        local = self.local_head(fmap)
+        h, w = local.shape[-2:]
+        return glob, local.flatten(2).transpose(1, 2), (h, w)
+
+
+def region_map(similarity: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Per-region scores ``(..., h*w)`` -> bilinear maps ``(..., H, W)`` at image size."""
+    lead = similarity.shape[:-1]
+    maps = similarity.reshape(-1, 1, *grid).float()
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return up.reshape(*lead, *size)

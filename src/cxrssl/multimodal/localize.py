@@ -1,0 +1,354 @@
+"""Annotation-free localisation: similarity maps as heatmaps, scored against boxes, with baselines.
+
+Interface (meant to merge into the shared scorer, ``cxrssl.evaluation.localization``): a heatmap is
+a float ``(H, W)`` array at the image's pixel size, boxes are ``[x, y, w, h]`` in the same pixels;
+:func:`score_map` turns one (heatmap, boxes, threshold) into per-item scores. Everything else
+(box files, threshold choice, baselines, bootstrap, tables, panels) is built on that.
+
+Scores of one item (one finding in one image; its boxes' union is the ground-truth mask):
+
+* ``iou`` / ``dice`` of the map thresholded at ``t`` after min-max scaling to [0, 1] (``t`` is
+  chosen on a validation split to maximise the mean IoU, never on test);
+* ``pointing``: 1 if the map's maximum lies in a box. Upsampled maps have plateaus (a border
+  cell's maximum extends to the image edge), so of several maximal pixels the one nearest to
+  their centroid is taken, not the first in row-major order (which sits on the edge);
+* ``cnr``: contrast-to-noise ratio ``|mean_in - mean_out| / sqrt(var_in + var_out)`` of the
+  scaled map (BioViL's definition; invariant to the map's scale and offset).
+
+Baselines: a random map (uniform noise on the model's region grid, upsampled bilinearly: the same
+smoothness as the model's maps) and a centre prior (isotropic Gaussian at the image centre,
+sigma = a quarter of the side). Confidence intervals: percentile bootstrap over images (an
+image's items are resampled together).
+
+Box files: NIH ``BBox_List_2017.csv`` (header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``,
+read by position, "Infiltrate" as spelled there), RSNA ``stage_2_train_labels.csv``
+(``patientId,x,y,width,height,Target``; Target 1 rows are "Lung Opacity" boxes scored with
+pneumonia prompts, Target 0 rows carry no box) and MS-CXR ``MS_CXR_Local_Alignment_v1.1.0.csv``
+(``dicom_id, category_name, label_text, path, x, y, w, h, ...``; its ``label_text`` is the
+report sentence of the box, the query of sentence grounding; its ``split`` column is ignored).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrssl.errors import BadInputError, Quarantine
+from cxrssl.io import atomic_savefig
+
+log = logging.getLogger(__name__)
+
+BOX_COLUMNS = ["image_id", "finding", "x", "y", "w", "h"]
+RSNA_FINDING = "Lung Opacity"
+#: Zero-shot prompts per finding (no location words): their mean embedding is the query.
+PROMPTS: dict[str, tuple[str, ...]] = {
+    "Atelectasis": ("There is atelectasis.", "Plate-like atelectasis."),
+    "Cardiomegaly": ("The heart is enlarged.", "Cardiomegaly."),
+    "Effusion": ("There is a pleural effusion.", "Pleural effusion."),
+    "Infiltrate": ("There are patchy infiltrates.", "Infiltrate."),
+    "Mass": ("There is a mass.", "Lung mass."),
+    "Nodule": ("There is a nodule.", "Pulmonary nodule."),
+    "Pneumonia": ("There is consolidation concerning for pneumonia.", "Pneumonia."),
+    "Pneumothorax": ("There is a pneumothorax.", "Pneumothorax."),
+    RSNA_FINDING: ("There is an airspace opacity concerning for pneumonia.", "Consolidation consistent with pneumonia."),
+    # MS-CXR categories
+    "Pleural Effusion": ("There is a pleural effusion.", "Pleural effusion."),
+    "Consolidation": ("There is consolidation.", "Airspace consolidation."),
+    "Edema": ("There is pulmonary edema.", "Pulmonary edema."),
+}
+METRICS = ("iou", "dice", "pointing", "cnr")
+
+
+# --- box files -------------------------------------------------------------------------------------
+
+def _boxes_frame(rows: list) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=BOX_COLUMNS).astype({"x": float, "y": float, "w": float, "h": float})
+
+
+def _check_box(where: str, values: Sequence[str]) -> list[float]:
+    try:
+        x, y, w, h = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise BadInputError(where, f"box {list(values)} is not four numbers") from None
+    if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0 or x < 0 or y < 0:
+        raise BadInputError(where, f"box x={x}, y={y}, w={w}, h={h}: needs finite x, y >= 0 and w, h > 0")
+    return [x, y, w, h]
+
+
+def read_nih_boxes(path: str | Path, quarantine: Quarantine) -> pd.DataFrame:
+    """NIH ``BBox_List_2017.csv`` -> ``image_id, finding, x, y, w, h`` (columns by position)."""
+    path = Path(path)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, header=0)
+    if frame.shape[1] < 6 or list(frame.columns[:2]) != ["Image Index", "Finding Label"]:
+        raise BadInputError(str(path), f"header {list(frame.columns)[:6]} is not NIH's "
+                            "'Image Index,Finding Label,Bbox [x,y,w,h],,,'")
+    rows = []
+    for k, r in enumerate(frame.itertuples(index=False)):
+        try:
+            if not r[0].strip() or not r[1].strip():
+                raise BadInputError(f"{path}:row {k + 1}", "empty image name or finding label")
+            rows.append([r[0].strip(), r[1].strip(), *_check_box(f"{path}:row {k + 1}", r[2:6])])
+        except BadInputError as err:
+            quarantine.add(err)
+    return _boxes_frame(rows)
+
+
+def read_rsna_labels(path: str | Path, quarantine: Quarantine) -> tuple[pd.DataFrame, list[str]]:
+    """RSNA ``stage_2_train_labels.csv`` -> (boxes with finding "Lung Opacity", every patientId)."""
+    path = Path(path)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    need = ["patientId", "x", "y", "width", "height", "Target"]
+    if list(frame.columns[:6]) != need:
+        raise BadInputError(str(path), f"columns {list(frame.columns)} are not RSNA's {need}")
+    rows, ids = [], []
+    for k, r in enumerate(frame.itertuples(index=False)):
+        where = f"{path}:row {k + 1}"
+        try:
+            if not r.patientId.strip() or r.Target not in ("0", "1"):
+                raise BadInputError(where, f"patientId {r.patientId!r} / Target {r.Target!r}: expected an id and 0 or 1")
+            if r.Target == "1":
+                rows.append([r.patientId.strip(), RSNA_FINDING, *_check_box(where, [r.x, r.y, r.width, r.height])])
+            elif any(v.strip() for v in (r.x, r.y, r.width, r.height)):
+                raise BadInputError(where, "Target 0 with a box")
+            ids.append(r.patientId.strip())
+        except BadInputError as err:
+            quarantine.add(err)
+    return _boxes_frame(rows), sorted(set(ids))
+
+
+def read_ms_cxr(path: str | Path, quarantine: Quarantine) -> pd.DataFrame:
+    """MS-CXR phrase grounding -> ``image_id`` (dicom_id), ``finding`` (category), box, ``sentence``, ``path``."""
+    path = Path(path)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    need = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h"]
+    missing = [c for c in need if c not in frame.columns]
+    if missing:
+        raise BadInputError(str(path), f"missing column(s) {missing}; has {list(frame.columns)}")
+    rows = []
+    for k, r in enumerate(frame.itertuples(index=False)):
+        where = f"{path}:row {k + 1}"
+        try:
+            if not (r.dicom_id.strip() and r.category_name.strip() and r.label_text.strip() and r.path.strip()):
+                raise BadInputError(where, "empty dicom_id, category_name, label_text or path")
+            rows.append([r.dicom_id.strip(), r.category_name.strip(), *_check_box(where, [r.x, r.y, r.w, r.h]),
+                         r.label_text.strip(), r.path.strip()])
+        except BadInputError as err:
+            quarantine.add(err)
+    return pd.DataFrame(rows, columns=[*BOX_COLUMNS, "sentence", "path"]).astype(
+        {"x": float, "y": float, "w": float, "h": float})
+
+
+def localisation_items(boxes: pd.DataFrame) -> pd.DataFrame:
+    """One item per (image, finding[, sentence]): ``image_id, finding, boxes`` (list of [x, y, w, h]).
+
+    With a ``sentence`` column (MS-CXR) the boxes of one sentence form one item, which keeps it.
+    """
+    keys = ["image_id", "finding"] + (["sentence"] if "sentence" in boxes.columns else [])
+    grouped = boxes.groupby(keys, sort=True)[["x", "y", "w", "h"]]
+    return pd.DataFrame([dict(zip(keys, key), boxes=g.to_numpy().tolist()) for key, g in grouped])
+
+
+# --- metrics of one map ----------------------------------------------------------------------------
+
+def box_mask(boxes: Iterable[Sequence[float]], shape: tuple[int, int]) -> np.ndarray:
+    """Union of ``[x, y, w, h]`` boxes as a bool mask; pixel (r, c) is in when its centre is."""
+    h, w = shape
+    mask = np.zeros(shape, bool)
+    for x, y, bw, bh in boxes:
+        c0, c1 = int(np.ceil(x - 0.5)), int(np.ceil(x + bw - 0.5))
+        r0, r1 = int(np.ceil(y - 0.5)), int(np.ceil(y + bh - 0.5))
+        mask[max(r0, 0):min(r1, h), max(c0, 0):min(c1, w)] = True
+    return mask
+
+
+def normalise(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max scaling to [0, 1] (a constant map becomes 0 everywhere)."""
+    m = np.asarray(heatmap, np.float64)
+    lo, span = float(m.min()), float(np.ptp(m))
+    return (m - lo) / span if span > 0 else np.zeros_like(m)
+
+
+def peak(heatmap: np.ndarray, tol: float = 1e-6) -> tuple[int, int]:
+    """(row, col) of the maximum; of a plateau, the maximal pixel nearest to the plateau's centroid
+    (ties: the one nearest to the image centre, i.e. towards the cell centre of a border cell)."""
+    m = np.asarray(heatmap, np.float64)
+    top = np.argwhere(m >= m.max() - tol * max(1.0, abs(float(m.max()))))
+    if len(top) == 1:
+        return int(top[0, 0]), int(top[0, 1])
+    to_centroid = np.round(((top - top.mean(0)) ** 2).sum(1), 9)
+    to_centre = ((top - (np.array(m.shape) - 1) / 2) ** 2).sum(1)
+    k = int(np.lexsort((to_centre, to_centroid))[0])
+    return int(top[k, 0]), int(top[k, 1])
+
+
+def score_map(heatmap: np.ndarray, boxes: Iterable[Sequence[float]], threshold: float) -> dict[str, float]:
+    """``iou, dice, pointing, cnr`` of one heatmap ``(H, W)`` against its boxes (module doc)."""
+    m = normalise(heatmap)
+    gt = box_mask(boxes, m.shape)
+    if not gt.any():
+        raise ValueError("no box pixel inside the map")
+    pred = m >= threshold
+    inter, union = float((pred & gt).sum()), float((pred | gt).sum())
+    total = float(pred.sum() + gt.sum())
+    inside, outside = m[gt], m[~gt]
+    spread = np.sqrt(inside.var() + outside.var()) if outside.size else 0.0
+    contrast = abs(inside.mean() - outside.mean()) if outside.size else 0.0
+    return {"iou": inter / union, "dice": 2 * inter / total, "pointing": float(gt[peak(m)]),
+            "cnr": float(contrast / spread) if spread > 0 else 0.0}
+
+
+def choose_threshold(maps: Sequence[np.ndarray], boxes: Sequence, grid: Sequence[float] | None = None) -> float:
+    """The threshold (of the min-max scaled maps) with the best mean IoU over validation items."""
+    grid = np.round(np.arange(0.05, 1.0, 0.05), 2) if grid is None else np.asarray(grid)
+    if not len(maps):
+        raise ValueError("no validation items to choose a threshold on")
+    best, best_t = -1.0, float(grid[0])
+    for t in grid:
+        mean = float(np.mean([score_map(m, b, float(t))["iou"] for m, b in zip(maps, boxes)]))
+        if mean > best + 1e-12:
+            best, best_t = mean, float(t)
+    return best_t
+
+
+# --- baselines -------------------------------------------------------------------------------------
+
+def random_map(shape: tuple[int, int], grid: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Uniform noise on the region grid, upsampled bilinearly to ``shape``."""
+    from cxrssl.multimodal.image import region_map
+
+    noise = torch.from_numpy(rng.random(grid[0] * grid[1]).astype(np.float32))
+    return region_map(noise, grid, shape).numpy()
+
+
+def centre_map(shape: tuple[int, int]) -> np.ndarray:
+    """Isotropic Gaussian at the image centre, sigma = a quarter of the shorter side."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    sigma = min(h, w) / 4
+    return np.exp(-(((yy + 0.5 - h / 2) ** 2 + (xx + 0.5 - w / 2) ** 2) / (2 * sigma ** 2)))
+
+
+# --- model heatmaps --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def image_regions(model, images: np.ndarray, batch_size: int = 32) -> tuple[torch.Tensor, tuple[int, int]]:
+    """L2-normalised local-space region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images."""
+    from cxrssl.ssl.augment import normalize_views
+
+    device = next(model.parameters()).device
+    out, grid = [], None
+    for k in range(0, len(images), batch_size):
+        x = normalize_views(torch.from_numpy(np.ascontiguousarray(images[k:k + batch_size])).unsqueeze(1), device)
+        _, regions, grid = model.image(x)
+        out.append(torch.nn.functional.normalize(regions.float(), dim=-1).cpu())
+    return torch.cat(out), grid
+
+
+def similarity_map(regions: torch.Tensor, query: torch.Tensor, grid: tuple[int, int],
+                   size: tuple[int, int]) -> np.ndarray:
+    """Cosine similarity of one image's regions ``(R, D)`` (normalised) with a query ``(D,)``, at ``size``."""
+    from cxrssl.multimodal.image import region_map
+
+    sim = regions @ torch.nn.functional.normalize(query.float().cpu(), dim=-1)
+    return region_map(sim, grid, tuple(size)).numpy()
+
+
+def prompt_embeddings(model, findings: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Mean (normalised) local-space embedding of each finding's prompts."""
+    out = {}
+    for f in findings:
+        emb = torch.nn.functional.normalize(model.embed_sentences(list(PROMPTS[f])), dim=-1).mean(0)
+        out[f] = emb
+    return out
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+def bootstrap_ci(scores: pd.DataFrame, metric: str, n: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``metric`` over items, resampling images."""
+    per_image = scores.groupby("image_id")[metric].agg(["sum", "count"])
+    sums, counts = per_image["sum"].to_numpy(), per_image["count"].to_numpy()
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(sums), size=(n, len(sums)))
+    means = sums[draws].sum(1) / counts[draws].sum(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def score_items(items: pd.DataFrame, maps: Sequence[np.ndarray], threshold: float) -> pd.DataFrame:
+    """Per-item scores (``image_id, finding`` + :data:`METRICS`)."""
+    rows = [dict(image_id=r.image_id, finding=r.finding, **score_map(m, r.boxes, threshold))
+            for r, m in zip(items.itertuples(index=False), maps)]
+    return pd.DataFrame(rows, columns=["image_id", "finding", *METRICS])
+
+
+def evaluate_maps(items: pd.DataFrame, maps: dict[str, Sequence[np.ndarray]], n_boot: int = 1000,
+                  seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score every map source (``maps[name][k]`` is the map of ``items`` row k).
+
+    ``items`` needs a ``split`` column (``val``/``test``): each source's threshold is chosen on
+    its val items, scores are reported on test. Returns (per-item test scores with a ``source``
+    column, summary: source, metric, mean, ci_low, ci_high, threshold, n_items, n_images).
+    """
+    val, test = items["split"].eq("val").to_numpy(), items["split"].eq("test").to_numpy()
+    if not val.any() or not test.any():
+        raise ValueError("localisation needs val items (threshold) and test items (scores)")
+    per_item, summary = [], []
+    for name, source in maps.items():
+        source = list(source)
+        t = choose_threshold([m for m, v in zip(source, val) if v], items.loc[val, "boxes"].tolist())
+        scores = score_items(items[test], [m for m, k in zip(source, test) if k], t).assign(source=name)
+        per_item.append(scores)
+        for metric in METRICS:
+            lo, hi = bootstrap_ci(scores, metric, n_boot, seed)
+            summary.append(dict(source=name, metric=metric, mean=float(scores[metric].mean()), ci_low=lo, ci_high=hi,
+                                threshold=t, n_items=len(scores), n_images=scores["image_id"].nunique()))
+    return pd.concat(per_item, ignore_index=True), pd.DataFrame(summary)
+
+
+def split_images(image_ids: Sequence[str], val_fraction: float, seed: int,
+                 patient_of: Callable[[str], str] = lambda i: i) -> dict[str, str]:
+    """image -> ``val``/``test``, patient-disjoint and seeded (threshold choice vs scoring)."""
+    patients = sorted({patient_of(i) for i in image_ids})
+    order = [patients[int(k)] for k in np.random.default_rng(seed).permutation(len(patients))]
+    n_val = min(max(1, round(val_fraction * len(patients))), len(patients) - 1)
+    val = set(order[:n_val])
+    return {i: "val" if patient_of(i) in val else "test" for i in image_ids}
+
+
+# --- panels ----------------------------------------------------------------------------------------
+
+def save_panel(images: Sequence[np.ndarray], maps: dict[str, Sequence[np.ndarray]], boxes: Sequence,
+               titles: Sequence[str], path: str | Path) -> None:
+    """One column per example (image, boxes), one row per map source (overlaid on the image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    rows = ["image", *maps]
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(2.2 * len(images), 2.2 * len(rows)), squeeze=False)
+    for c, img in enumerate(images):
+        for r, name in enumerate(rows):
+            ax = axes[r, c]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            if name != "image":
+                ax.imshow(normalise(maps[name][c]), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            for x, y, w, h in boxes[c]:
+                ax.add_patch(Rectangle((x, y), w, h, fill=False, ec="lime", lw=1.2))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)

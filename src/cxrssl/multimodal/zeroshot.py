@@ -1,0 +1,128 @@
+"""Zero-shot localisation with a trained model: heatmaps for prompts and report sentences, scored
+against boxes beside a random-map and a centre-prior baseline (cxrssl.multimodal.localize).
+
+Two queries per item (one finding, or one sentence, in one image): ``prompt`` (the finding's
+prompts, no location words: the zero-shot setting of the paper) and, when the items carry a
+``sentence`` (MS-CXR's ``label_text``), ``sentence`` (phrase grounding). Each query kind is
+scored with the baselines on the same items; thresholds are chosen on the ``val`` items.
+
+:func:`demo_localisation` wires the demo's held-out localisation set
+(``reports/localization/``: its own images, never in a report corpus or an NIH list) in the
+NIH, RSNA or MS-CXR layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from cxrssl.errors import Quarantine
+from cxrssl.io import atomic_write_csv, atomic_write_json
+from cxrssl.multimodal.localize import (centre_map, evaluate_maps, image_regions, localisation_items,
+                                        prompt_embeddings, random_map, read_ms_cxr, read_nih_boxes, read_rsna_labels,
+                                        save_panel, similarity_map, split_images)
+from cxrssl.multimodal.method import load_trained
+
+log = logging.getLogger(__name__)
+
+SCORES, SUMMARY, PANEL, ITEMS = "scores.csv", "summary.csv", "panel.png", "items.json"
+BOX_LAYOUTS = ("nih", "rsna", "ms_cxr")
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    x = torch.from_numpy(image.astype(np.float32))[None, None]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def zero_shot(run_dir: str | Path, items: pd.DataFrame, load_image: Callable[[str], np.ndarray], out_dir: str | Path,
+              seed: int = 0, n_boot: int = 1000, device: str = "cpu", panel_per_finding: int = 1) -> pd.DataFrame:
+    """Score the model of ``run_dir`` on ``items`` (``image_id, finding, boxes, split[, sentence]``).
+
+    ``load_image(image_id)`` gives the uint8 ``(H, W)`` image the boxes refer to. Writes
+    ``summary.csv`` (query, source, metric, mean, CI, threshold, counts), ``scores.csv`` (per
+    test item) and ``panel.png``; returns the summary.
+    """
+    out = Path(out_dir)
+    model, settings = load_trained(run_dir, device)
+    images = {i: load_image(i) for i in sorted(set(items["image_id"]))}
+    order = sorted(images)
+    regions, grid = image_regions(model, np.stack([_resize(images[i], settings.image_size) for i in order]))
+    row = {i: k for k, i in enumerate(order)}
+    prompts = prompt_embeddings(model, sorted(set(items["finding"])))
+    rng = np.random.default_rng(seed)
+
+    queries = {"prompt": torch.stack([prompts[f] for f in items["finding"]])}
+    if "sentence" in items.columns:
+        queries["sentence"] = model.embed_sentences(items["sentence"].tolist())
+    tables, per_item, panel_maps = [], [], {}
+    shapes = [images[i].shape for i in items["image_id"]]
+    baselines = {"random": [random_map(s, grid, rng) for s in shapes], "centre": [centre_map(s) for s in shapes]}
+    for kind, q in queries.items():
+        start = time.perf_counter()
+        maps = [similarity_map(regions[row[r.image_id]], q[k], grid, images[r.image_id].shape)
+                for k, r in enumerate(items.itertuples(index=False))]
+        scores, summary = evaluate_maps(items, {"model": maps, **baselines}, n_boot, seed)
+        tables.append(summary.assign(query=kind))
+        per_item.append(scores.assign(query=kind))
+        panel_maps[f"{kind} map"] = maps
+        log.info("%s queries: %d items in %.1f s\n%s", kind, len(items), time.perf_counter() - start,
+                 summary.pivot(index="source", columns="metric", values="mean").round(3))
+    summary = pd.concat(tables, ignore_index=True)[["query", "source", "metric", "mean", "ci_low", "ci_high",
+                                                    "threshold", "n_items", "n_images"]]
+    atomic_write_csv(summary, out / SUMMARY)
+    atomic_write_csv(pd.concat(per_item, ignore_index=True), out / SCORES)
+    picks = [int(k) for _, g in items[items["split"] == "test"].groupby("finding", sort=True)
+             for k in g.index[:panel_per_finding]]
+    if picks:
+        save_panel([images[items.loc[k, "image_id"]] for k in picks],
+                   {name: [maps[k] for k in picks] for name, maps in panel_maps.items()},
+                   [items.loc[k, "boxes"] for k in picks],
+                   [f"{items.loc[k, 'finding']}\n{items.loc[k, 'image_id']}" for k in picks], out / PANEL)
+    return summary
+
+
+def demo_items(demo_root: str | Path, boxes: str = "ms_cxr", val_fraction: float = 0.4, seed: int = 0,
+               quarantine: Quarantine | None = None) -> tuple[pd.DataFrame, Callable[[str], np.ndarray]]:
+    """Items (with a seeded val/test split by image) and an image loader for the demo's localisation set."""
+    if boxes not in BOX_LAYOUTS:
+        raise ValueError(f"boxes must be one of {BOX_LAYOUTS}, got {boxes!r}")
+    loc = Path(demo_root) / "reports" / "localization"
+    q = quarantine or Quarantine("skip", stage="zero_shot")
+    if boxes == "nih":
+        frame = read_nih_boxes(loc / "nih" / "BBox_List_2017.csv", q)
+    elif boxes == "rsna":
+        frame, _ = read_rsna_labels(loc / "rsna" / "stage_2_train_labels.csv", q)
+        frame = frame.assign(image_id=frame["image_id"] + ".png")
+    else:
+        frame = read_ms_cxr(loc / "ms_cxr" / "MS_CXR_Local_Alignment_v1.1.0.csv", q)
+        frame = frame.assign(image_id=frame["path"].map(lambda p: Path(p).name)).drop(columns="path")
+    items = localisation_items(frame)
+    split = split_images(sorted(set(items["image_id"])), val_fraction, seed)  # one image per patient
+    items = items.assign(split=items["image_id"].map(split))
+
+    def load(image_id: str) -> np.ndarray:
+        with Image.open(loc / "images" / image_id) as im:
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+
+    return items, load
+
+
+def demo_localisation(demo_root: str | Path, run_dir: str | Path, out_dir: str | Path, seed: int = 0,
+                      n_boot: int = 1000, val_fraction: float = 0.4, boxes: str = "ms_cxr") -> pd.DataFrame:
+    """Zero-shot localisation on the demo's held-out localisation set; ``boxes``: nih, rsna or ms_cxr."""
+    q = Quarantine("skip", stage="zero_shot")
+    items, load = demo_items(demo_root, boxes, val_fraction, seed, q)
+    summary = zero_shot(run_dir, items, load, out_dir, seed, n_boot)
+    atomic_write_json({"boxes": boxes, "items": len(items), "images": int(items["image_id"].nunique()),
+                       "val_items": int((items["split"] == "val").sum()),
+                       "test_items": int((items["split"] == "test").sum()), "quarantined": len(q)},
+                      Path(out_dir) / ITEMS)
+    return summary
