@@ -26,13 +26,13 @@ from torch import nn
 from cxrssl.demo.nih import make_nih
 from cxrssl.demo.reports import make_reports
 from cxrssl.errors import Quarantine
-from cxrssl.multimodal.image import ImageEncoder, ResNetFeatureMap, region_map, resnet_feature_map
+from cxrssl.multimodal.image import ImageEncoder, region_map, resnet_feature_map
 from cxrssl.multimodal.losses import GlobalInfoNCE, LocalSentenceRegionLoss, MultimodalLoss, sentence_region_scores
 from cxrssl.multimodal.method import (IMAGE_ENCODER, IMAGE_SIDECAR, MultimodalMethod, MultimodalSettings,
                                       load_trained)
 from cxrssl.multimodal.reports import load_reports, patient_split, write_pairs
 from cxrssl.multimodal.text import (SentenceTextEncoder, TextEncoderUnavailableError, build_text_encoder,
-                                    load_pretrained, pool_sentences, scratch_bert, train_wordpiece)
+                                    load_pretrained, pool_sentences, train_wordpiece)
 from cxrssl.multimodal.train import METRIC_COLUMNS, pretrain_multimodal
 
 REPO = Path(__file__).resolve().parents[1]

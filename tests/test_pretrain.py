@@ -22,7 +22,7 @@ from cxrssl.errors import BadInputError
 from torchvision.transforms import v2
 
 from cxrssl.ssl.augment import SeparableGaussianBlur, TwoViews, normalize_views, original_transforms, sample_seed
-from cxrssl.ssl.methods.barlowtwins import (BarlowTwins, BarlowTwinsLoss, barlow_twins_loss, build_projector,
+from cxrssl.ssl.methods.barlowtwins import (BarlowTwins, barlow_twins_loss, build_projector,
                                            cross_correlation, off_diagonal)
 from cxrssl.ssl.data import NIHPairDataset, PairSampler, pretrain_rows
 from cxrssl.ssl.lars import LARS, lars_param_groups, lr_factor, set_learning_rates

@@ -31,7 +31,6 @@ report sentence of the box, the query of sentence grounding; its ``split`` colum
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
