@@ -95,6 +95,8 @@ if _unknown:
 LINEAR_RUN = f"{RESULTS}/linear_eval/{{init}}/frac{{fraction}}"
 LINEAR_SUMMARY = f"{RESULTS}/linear_eval/summary.csv"
 LINEAR_PLOT = f"{RESULTS}/linear_eval/auc_vs_fraction.png"
+LINEAR_DIFFERENCES = f"{RESULTS}/linear_eval/differences.csv"
+LINEAR_SUMMARY_MD = f"{RESULTS}/linear_eval/summary.md"
 # detection, evaluation, heatmaps: one run per engine x init x resolution x seed
 DET_RUN = f"{RESULTS}/detection/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"
 EVAL_RUN = f"{RESULTS}/evaluation/{{engine}}/{{init}}_{{res}}px_seed{{seed}}"

@@ -14,6 +14,7 @@ rule linear_eval:
         init=init_input,
     output:
         metrics=f"{LINEAR_RUN}/metrics.json",
+        predictions=f"{LINEAR_RUN}/predictions_test.csv",
         history=f"{LINEAR_RUN}/history.csv",
         split=f"{LINEAR_RUN}/split.csv",
     log:
@@ -22,7 +23,7 @@ rule linear_eval:
         f"{BENCH}/linear_eval/{{init}}_frac{{fraction}}.tsv"
     params:
         torch_threads=TORCH_THREADS,  # part of the result on CPU (see the schema)
-        args=cli("linear_eval", exclude=("inits", "fractions")),
+        args=cli("linear_eval", exclude=("inits", "fractions", "bootstrap", "baselines")),
         init=lambda wildcards: init_checkpoint(wildcards.init, allow_arch=True),
         arch=lambda wildcards: f"--arch {init_arch(wildcards.init)}" if init_arch(wildcards.init) else "",
         imagenet=lambda wildcards: imagenet_flag(init_arch(wildcards.init) or config["linear_eval"]["arch"]),
@@ -57,6 +58,17 @@ rule summarize_linear_eval:
             category="Linear evaluation",
             labels={"figure": "mean test AUC vs label fraction"},
         ),
+        differences=report(
+            LINEAR_DIFFERENCES,
+            caption="../report/linear_differences.rst",
+            category="Linear evaluation",
+            labels={"figure": "paired differences"},
+        ),
+        markdown=LINEAR_SUMMARY_MD,
+    params:
+        bootstrap=config["linear_eval"]["bootstrap"],
+        baselines=" ".join(shlex.quote(b) for b in config["linear_eval"]["baselines"]),
+        seed=SEED,
     log:
         f"{LOGS}/linear_eval/summary.log",
     threads: 1
@@ -67,7 +79,8 @@ rule summarize_linear_eval:
         ENV
     shell:
         "{PY} {SCRIPTS}/summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
-        " --plot {output.plot:q} --log {log:q}"
+        " --plot {output.plot:q} --differences {output.differences:q} --markdown {output.markdown:q}"
+        " --bootstrap {params.bootstrap} --seed {params.seed} --baselines {params.baselines} --log {log:q}"
 
 
-FINAL_TARGETS.append(lambda: [LINEAR_SUMMARY, LINEAR_PLOT])
+FINAL_TARGETS.append(lambda: [LINEAR_SUMMARY, LINEAR_PLOT, LINEAR_DIFFERENCES, LINEAR_SUMMARY_MD])

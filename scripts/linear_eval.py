@@ -11,7 +11,7 @@ import argparse
 
 from cxrssl.config import add_section_args, section_args
 
-EXCLUDE = ("inits", "fractions")
+EXCLUDE = ("inits", "fractions", "bootstrap", "baselines")  # pick runs / belong to the summary
 
 
 def fraction(text: str) -> float:

@@ -383,3 +383,138 @@ def test_vit_finetune_with_layer_decay(learnable, vit_checkpoint, tmp_path):
     assert {g["lr"] for g in plain} == {1e-3} and {g["weight_decay"] for g in plain} == {0.0, 0.05}
     sgd = param_groups(model, model, dict(s, layer_decay=1.0, optimizer="sgd"))
     assert len(sgd) == 1  # the paper's protocol: one group
+
+
+# --- intervals, paired differences, BatchNorm recalibration ------------------------------------------
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(4, 40), ties=st.booleans())
+def test_weighted_auc_equals_sklearn_with_sample_weights(seed, n, ties):
+    from cxrssl.linear_eval.metrics import weighted_auc
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    scores = rng.integers(0, 4, n).astype(float) if ties else rng.random(n)
+    weights = rng.integers(0, 4, (5, n)).astype(float)
+    weights[:, :2] = 1  # both classes under every row
+    got = weighted_auc(y, scores, weights)
+    want = [roc_auc_score(y, scores, sample_weight=w) for w in weights]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_patient_resamples_draw_whole_patients_keep_every_finding_and_are_shared():
+    from cxrssl.linear_eval.metrics import patient_resamples
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i}" for i in range(30)], 3)
+    y = (rng.random((90, 3)) < 0.2).astype(int)
+    y[:, 2] = 0  # a finding with one class only: not part of the fixed set
+    counts = patient_resamples(patients, y, 200, seed=5)
+    assert counts.shape == (200, 90)
+    assert (counts.reshape(200, 30, 3) == counts.reshape(200, 30, 3)[:, :, :1]).all()  # a patient's images together
+    assert (counts.sum(axis=1) == 90).all()
+    pos = counts @ y[:, :2]
+    assert ((pos > 0) & (pos < 90)).all()
+    np.testing.assert_array_equal(counts, patient_resamples(patients, y, 200, seed=5))
+    assert not np.array_equal(counts, patient_resamples(patients, y, 200, seed=6))
+
+
+def test_summary_gives_intervals_and_a_paired_difference_that_finds_the_better_init(tmp_path):
+    from cxrssl.linear_eval.summary import summarize
+
+    rng = np.random.default_rng(0)
+    n = 120
+    patients = np.repeat([str(i) for i in range(40)], 3)
+    y = (rng.random((n, len(NIH_FINDINGS))) < 0.3).astype(int)
+    paths = []
+    for init, noise in (("random", 3.0), ("barlowtwins", 0.7)):
+        for fraction in (0.1, 1.0):
+            run = tmp_path / init / f"frac{fraction}"
+            run.mkdir(parents=True)
+            scores = y + rng.normal(0, noise, y.shape)
+            aucs = {name: float(roc_auc_score(y[:, j], scores[:, j])) for j, name in enumerate(NIH_FINDINGS)}
+            (run / "metrics.json").write_text(json.dumps({
+                "init": init, "fraction": fraction, "arch": "resnet18", "n_train_patients": 10, "n_train_images": 30,
+                "selected_epoch": 1, "val_mean_auc": 0.5, "test_mean_auc": float(np.mean(list(aucs.values()))),
+                "test_auc": aucs}))
+            frame = pd.DataFrame({"image_index": [f"{i}.png" for i in range(n)], "patient_id": patients})
+            for j, name in enumerate(NIH_FINDINGS):
+                frame[f"true_{name}"] = y[:, j]
+            for j, name in enumerate(NIH_FINDINGS):
+                frame[f"score_{name}"] = scores[:, j]
+            frame.to_csv(run / "predictions_test.csv", index=False)
+            paths.append(run / "metrics.json")
+    table = summarize(paths, tmp_path / "s.csv", tmp_path / "p.png", tmp_path / "d.csv", tmp_path / "s.md",
+                      n_resamples=300, seed=0, baselines=["random"])
+    assert (table["test_mean_auc_ci_low"] < table["test_mean_auc"]).all()
+    assert (table["test_mean_auc"] < table["test_mean_auc_ci_high"]).all()
+    diff = pd.read_csv(tmp_path / "d.csv")
+    assert list(diff["init"]) == ["barlowtwins", "barlowtwins"] and list(diff["baseline"]) == ["random"] * 2
+    assert (diff["ci_low"] > 0).all() and (diff["p_value"] < 0.01).all()
+    md = (tmp_path / "s.md").read_text()
+    assert "| barlowtwins - random | 10 % |" in md and "[" in md
+    # the same scores for both inits: the paired difference is exactly 0 in every resample
+    for fraction in (0.1, 1.0):
+        src = tmp_path / "barlowtwins" / f"frac{fraction}"
+        dst = tmp_path / "random" / f"frac{fraction}"
+        (dst / "predictions_test.csv").write_text((src / "predictions_test.csv").read_text())
+        data = json.loads((src / "metrics.json").read_text())
+        data["init"] = "random"
+        (dst / "metrics.json").write_text(json.dumps(data))
+    summarize(paths, tmp_path / "s.csv", tmp_path / "p.png", tmp_path / "d.csv", n_resamples=100, baselines=["random"])
+    same = pd.read_csv(tmp_path / "d.csv")
+    assert (same[["difference", "ci_low", "ci_high"]] == 0).all().all() and (same["p_value"] == 1).all()
+
+
+def test_runs_on_other_test_images_are_not_compared(tmp_path):
+    from cxrssl.linear_eval.summary import bootstrap_runs
+
+    paths = []
+    for init, first in (("a", 0), ("b", 1)):
+        run = tmp_path / init
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"init": init, "fraction": 1.0}))
+        frame = pd.DataFrame({"image_index": [f"{i}.png" for i in range(first, first + 6)],
+                              "patient_id": [str(i) for i in range(6)]})
+        for name in NIH_FINDINGS:
+            frame[f"true_{name}"] = [0, 1] * 3
+            frame[f"score_{name}"] = np.linspace(0, 1, 6)
+        frame.to_csv(run / "predictions_test.csv", index=False)
+        paths.append(run / "metrics.json")
+    with pytest.raises(BadInputError, match="share the test split"):
+        bootstrap_runs(pd.DataFrame(), paths, 10, 0)
+
+
+def test_batchnorm_recalibration_takes_the_statistics_of_the_training_images():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cxrssl.linear_eval.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = build_resnet("resnet18")
+    x = torch.randn(24, 3, 32, 32) * 3 + 5
+    loader = DataLoader(TensorDataset(x, torch.zeros(24)), batch_size=8)  # equal batches: the mean of batch means is the mean
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert recalibrate_batchnorm(net, loader, torch.device("cpu")) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    first = net.bn1
+    with torch.no_grad():
+        h = net.conv1(x)
+    torch.testing.assert_close(first.running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    for k, v in net.state_dict().items():  # weights untouched, only statistics
+        if k in weights:
+            torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+
+
+def test_recalibrate_bn_setting_changes_a_random_probe_and_writes_test_predictions(learnable, tmp_path):
+    index_path, cache_path = learnable
+    common = dict(index_path=index_path, cache_path=cache_path, init="random", fraction=1.0, arch="resnet18", seed=0)
+    plain = run_linear_eval(out_dir=tmp_path / "plain", settings=fast_settings(epochs=2), **common)
+    recal = run_linear_eval(out_dir=tmp_path / "recal", settings=fast_settings(epochs=2, recalibrate_bn=True), **common)
+    assert plain["fingerprint"] != recal["fingerprint"] and plain["test_mean_auc"] != recal["test_mean_auc"]
+    predictions = pd.read_csv(tmp_path / "recal" / "predictions_test.csv", dtype={"patient_id": str})
+    assert len(predictions) == recal["n_test_images"]
+    y = predictions[[f"true_{n}" for n in NIH_FINDINGS]].to_numpy()
+    s = predictions[[f"score_{n}" for n in NIH_FINDINGS]].to_numpy()
+    j = NIH_FINDINGS.index("Hernia")
+    assert roc_auc_score(y[:, j], s[:, j]) == pytest.approx(recal["test_auc"]["Hernia"], abs=1e-6)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MODES = ("linear", "finetune")
 #: Settings read from the ``linear_eval`` config section (inits and fractions pick the runs).
 SETTINGS = ("mode", "epochs", "batch_size", "lr", "momentum", "weight_decay", "val_fraction",
-            "image_size", "workers", "augment", "vit_pool", "optimizer", "layer_decay")
+            "image_size", "workers", "augment", "vit_pool", "optimizer", "layer_decay", "recalibrate_bn")
 OPTIMIZERS = ("sgd", "adamw")
 #: Called after every epoch with ``(epoch, predict)``; ``predict(split)`` returns
 #: ``(labels, scores)`` of the current weights. For monitoring only: it cannot affect selection.
@@ -82,6 +82,28 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def recalibrate_batchnorm(backbone: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``loader``'s images (no labels,
+    no weight changes: the average of the batch statistics of one pass in training mode). Returns how many
+    BatchNorm layers were recalibrated (0 for a ViT, whose LayerNorms keep no statistics)."""
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    was_training = backbone.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every image counts the same
+    backbone.train()
+    for x, _ in loader:
+        backbone(x.to(device, non_blocking=True))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    backbone.train(was_training)
+    return len(norms)
+
+
 def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device) -> torch.Tensor:
     """Backbone features (eval mode) of every image of ``loader``, in order, on ``device``."""
     backbone.eval()
@@ -209,6 +231,16 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
     eval_tf = image_transform(settings["image_size"], augment=False)
     datasets = {s: CacheImages(cache_path, parts[s]["cache_row"].to_numpy(), labels[s], eval_tf) for s in parts}
     precompute = mode == "linear" and not settings["augment"]
+    if settings["recalibrate_bn"]:
+        # Every training-split image (labelled or not; never val/test): the statistics a frozen
+        # backbone normalises with become those of this data, for every init alike.
+        unlabelled = index[index["split"] == "train"]
+        calibration = CacheImages(cache_path, unlabelled["cache_row"].to_numpy(),
+                                  np.zeros((len(unlabelled), len(names)), np.float32), eval_tf)
+        single = len(calibration) % batch_size == 1 and len(calibration) > 1  # BatchNorm needs 2 images
+        n_norms = recalibrate_batchnorm(model.backbone, _loader(calibration, batch_size, workers, drop_last=single,
+                                                                device=device), device)
+        log.info("recalibrated %d BatchNorm layers on %d training images", n_norms, len(unlabelled))
 
     if precompute:
         # Frozen backbone, no augmentation: every epoch would see the same features, so compute
@@ -319,6 +351,10 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
         "val_auc": {k: _json_number(v) for k, v in val_auc.items()},
         "test_auc": {k: _json_number(v) for k, v in test_auc.items()},
     }
+    predictions = parts["test"][["image_index", "patient_id"]].reset_index(drop=True)
+    predictions = pd.concat([predictions, pd.DataFrame(test_true.astype(np.int8), columns=[f"true_{n}" for n in names]),
+                             pd.DataFrame(test_scores, columns=[f"score_{n}" for n in names])], axis=1)
+    atomic_write_csv(predictions, out_dir / "predictions_test.csv")
     atomic_write_csv(pd.DataFrame(history), out_dir / "history.csv")
     atomic_write_json(metrics, out_dir / "metrics.json")
     return metrics
