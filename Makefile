@@ -10,7 +10,7 @@ CORES ?= all
 MMCV_WHEEL ?= $(firstword $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-*.whl))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-test install-mmdet mmcv report dag lint pull clean-results
+.PHONY: demo test install install-test install-mmdet mmcv report readme readme-check dag lint pull clean-results
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ test: install-test
 
 report: install
 	$(BIN)/snakemake --profile profiles/default --report results/report.html
+
+# The README's demo figures are results/headline.md of a run (rule headline): copy them in, or check.
+readme: install
+	$(BIN)/python -m cxrssl.headline --headline results/headline.md --readme README.md
+
+readme-check: install
+	$(BIN)/python -m cxrssl.headline --headline results/headline.md --readme README.md --check
 
 dag: install
 	$(BIN)/snakemake --profile profiles/default --rulegraph | dot -Tsvg > docs/dag.svg

@@ -235,6 +235,9 @@ def all_targets():
 
 # Rule files append zero-argument functions that return their final outputs.
 FINAL_TARGETS = []
+# Rule files append (title, markdown file) sections of the headline results (rules/headline.smk),
+# which the README shows (`make readme`) and the report opens with.
+HEADLINE_PARTS = []
 
 
 # --- helpers of the stage files (kept here: Snakemake lint wants definitions of rules and functions apart) ---

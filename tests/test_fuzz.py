@@ -253,8 +253,8 @@ def test_pretraining_resume_refuses_a_malicious_checkpoint(tmp_path):
 
     make_nih(tmp_path / "nih", n_patients=4, per_patient=2, side=24)
     index_nih(tmp_path / "nih", tmp_path / "index.csv", tmp_path / "cache.npy", tmp_path / "q.csv", 16, workers=0)
-    settings_ = dict(section_defaults("pretrain"), arch="resnet18", init="random", projector=[8, 8], batch_size=2,
-                     epochs=1, image_size=16, workers=0, amp=False)
+    settings_ = dict(section_defaults("pretrain"), batch_size=2, epochs=1, image_size=16, workers=0, amp=False)
+    settings_["barlowtwins"] = dict(settings_["barlowtwins"], arch="resnet18", init="random", projector=[8, 8])
     out = tmp_path / "run"
     for path in malicious_checkpoints(tmp_path / "evil")[:3]:
         out.mkdir(exist_ok=True)

@@ -117,8 +117,9 @@ class _NoBoxes(torch.nn.Module):
 def test_predict_with_pseudonyms_keeps_the_kaggle_format(tmp_path, monkeypatch):
     from cxrssl.detection import predict
 
-    meta = {"arch": "resnet18", "init": "random", "res": 64, "input_size": 32, "input_bit_depth": 8}
-    monkeypatch.setattr(predict, "load_trained_detector", lambda path, device: (_NoBoxes(), meta))
+    meta = {"engine": "torchvision", "arch": "resnet18", "init": "random", "res": 64, "input_size": 32,
+            "input_bit_depth": 8, "score_thr": 0.5, "settings": {}}
+    monkeypatch.setattr(predict, "load_detector", lambda path, device, score_thr=None: (_NoBoxes(), meta))
     paths = site_dataset(tmp_path / "site")
     out, private = tmp_path / "predictions", tmp_path / "private"
     plain = predict.predict_files("best.pth", paths[:2], tmp_path / "plain", on_bad_input="skip")

@@ -157,7 +157,8 @@ def plot_auc_vs_fraction(table: pd.DataFrame, path: str | Path) -> None:
         runs = runs.sort_values("fraction")
         x, y = runs["fraction"] * 100, runs["test_mean_auc"]
         if "test_mean_auc_ci_low" in runs and runs["test_mean_auc_ci_low"].notna().all():
-            err = np.vstack([y - runs["test_mean_auc_ci_low"], runs["test_mean_auc_ci_high"] - y])
+            # a percentile interval need not contain the point (the resampled AUC is biased): clip at 0
+            err = np.clip(np.vstack([y - runs["test_mean_auc_ci_low"], runs["test_mean_auc_ci_high"] - y]), 0, None)
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=init)
         else:
             ax.plot(x, y, marker="o", label=init)
