@@ -31,7 +31,7 @@ TINY_CONFIG = {
                  "vicreg": {"arch": "resnet18", "init": "random", "hidden_dim": 64, "output_dim": 64},
                  "gmml": {"arch": "vit_tiny_patch8", "init": "random"}},
     "linear_eval": {"inits": ["random", "barlowtwins", "gmml"], "fractions": [0.5, 1.0], "arch": "resnet18",
-                    "epochs": 2, "batch_size": 16, "image_size": 32, "workers": 0},
+                    "epochs": 2, "batch_size": 16, "image_size": 32, "workers": 0, "bootstrap": 50},
     "detection": {"arch": "resnet18", "inits": ["random", "barlowtwins"], "resolutions": [64],
                   "epochs": 2, "batch_size": 4, "lr": 0.005, "warmup_iters": 4, "workers": 0,
                   "rpn_proposals": 100, "rois_per_image": 64},
