@@ -55,12 +55,19 @@ def synthetic_batches(n: int, batch: int, size: int, seed: int):
         yield images, targets
 
 
-def step_seconds(model, images, targets, optimizer) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_seconds(model, images, targets, optimizer, device: torch.device = torch.device("cpu")) -> float:
+    _sync(device)
     start = time.perf_counter()
     losses = model(images, targets)
     optimizer.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     optimizer.step()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -78,6 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/out/detection_step.json")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 steps, as the engine's loss heads).")
+    parser.add_argument("--compile", action="store_true",
+                        help="Also time cxrssl's detector with its backbone through torch.compile "
+                             "(detection.compile): median_step_s['cxrssl compiled'] and compile_speedup.")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor).")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -96,7 +108,15 @@ def main(argv: list[str] | None = None) -> None:
         stock = FasterRCNN(_resnet_fpn_extractor(getattr(torchvision.models, args.arch)(), 5), num_classes=NUM_CLASSES,
                            min_size=args.res, max_size=args.res, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
                            rpn_post_nms_top_n_train=args.rpn_proposals, box_batch_size_per_image=args.rois_per_image).train()
-    models = {"cxrssl": ours, "stock torchvision": stock}
+    device = torch.device(args.device)
+    models = {"cxrssl": ours.to(device), "stock torchvision": stock.to(device)}
+    if args.compile:
+        from cxrssl.detection.model import compile_backbone
+
+        torch.manual_seed(args.seed)
+        twin = build_detector(args.arch, args.init, res=args.res, imagenet_weights=weights,
+                              rpn_proposals=args.rpn_proposals, rois_per_image=args.rois_per_image).train()
+        models["cxrssl compiled"] = compile_backbone(twin.to(device), backend=args.compile_backend)
     optimizers = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
                   for k, m in models.items()}
     if args.coco:
@@ -105,15 +125,19 @@ def main(argv: list[str] | None = None) -> None:
                    for i in range(args.steps + 2)]
     else:
         batches = list(synthetic_batches(args.steps + 2, args.batch_size, args.res, args.seed))
+    batches = [([im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
+               for images, targets in batches]
     times = {k: [] for k in models}
     for i, (images, targets) in enumerate(batches):
         for name in (list(models) if i % 2 == 0 else list(models)[::-1]):  # alternate who goes first
-            seconds = step_seconds(models[name], images, targets, optimizers[name])
+            seconds = step_seconds(models[name], images, targets, optimizers[name], device)
             if i >= 2:  # the first steps warm up allocators and caches
                 times[name].append(seconds)
     median = {k: statistics.median(v) for k, v in times.items()}
     ratio = median["cxrssl"] / median["stock torchvision"]
-    result = {"config": vars(args), "median_step_s": median, "ratio": ratio}
+    result = {"config": vars(args), "median_step_s": median, "ratio": ratio, "device": str(device)}
+    if args.compile:
+        result["compile_speedup"] = median["cxrssl"] / median["cxrssl compiled"]
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"median training step: cxrssl {median['cxrssl']:.3f} s, stock torchvision "
           f"{median['stock torchvision']:.3f} s: ratio {ratio:.3f} ({args.steps} steps each, {args.threads} thread(s))")

@@ -128,8 +128,22 @@ class MethodDataset(Dataset):
         return self.sample(self, i, sample_seed(self.seed, epoch, i))
 
 
-def method_rate(name: str, arch: str, cache: Path, n: int, args, device: torch.device) -> float:
-    """Source images/s of ``name``'s training steps (the loop of cxrssl.ssl.train, minus checkpoints)."""
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(_to_device(b, device) for b in batch)
+
+
+def method_rate(name: str, arch: str, cache: Path, n: int, args, device: torch.device, feed: str = "loader",
+                compile_model: bool = False, info=None) -> float:
+    """Source images/s of ``name``'s training steps (the loop of cxrssl.ssl.train, minus checkpoints).
+
+    ``feed``: ``loader`` (the pipeline's DataLoader over the cache) or ``memory`` (one loader batch
+    kept on the device and fed again every step: the rate without the input path). ``compile_model``:
+    the model through ``torch.compile`` (``--compile-mode``), as ``pretrain.compile`` does. ``info``:
+    a :class:`cxrssl.runtime.DistInfo` for DDP (each rank its slice of the global batch; the rate
+    counts the global batch).
+    """
     s = section_defaults("pretrain")
     s.update(batch_size=args.batch_size, image_size=args.crop)
     s[name].update(arch=arch, init="random")
@@ -139,38 +153,67 @@ def method_rate(name: str, arch: str, cache: Path, n: int, args, device: torch.d
         s[name].update(hidden_dim=args.projector[0], output_dim=args.projector[-1])
     torch.manual_seed(0)
     method = get_method(name)(s[name], s)
-    amp = device.type == "cuda"
-    channels_last = amp and method.spec.family == "resnet"
-    model = method.build_model(build_encoder(s[name], args.crop), args.batch_size).to(device)
+    amp = device.type == "cuda" and not args.no_amp
+    channels_last = (amp or args.channels_last) and method.spec.family == "resnet"
+    world, rank = (info.world_size, info.rank) if info is not None else (1, 0)
+    model = method.build_model(build_encoder(s[name], args.crop), args.batch_size)
+    if info is not None and info.distributed:
+        from cxrssl.runtime import sync_batchnorm
+
+        model = sync_batchnorm(model, device)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = method.optimizer(model)
-    sampler = PairSampler(n, args.batch_size)
-    loader = DataLoader(MethodDataset(cache, n, method.sample()), batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, drop_last=True, pin_memory=amp)
+    net = model
+    if info is not None and info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        net = torch.compile(net, mode=args.compile_mode, backend=args.compile_backend)
+    sampler = PairSampler(n, args.batch_size, world, rank)
+    loader = DataLoader(MethodDataset(cache, n, method.sample()), batch_size=sampler.local_batch, sampler=sampler,
+                        num_workers=args.workers, drop_last=True, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0)
+    if feed == "memory":
+        sampler.set_epoch(0)
+        fixed = _to_device(next(iter(loader)), device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+        def batches():
+            while True:
+                yield fixed
+    else:
+        def batches():
+            epoch = 0
+            while True:
+                sampler.set_epoch(epoch)
+                yield from loader
+                epoch += 1
     model.train()
-    total = args.steps + 1
-    count, start, step, epoch = 0, None, 0, 0
-    while step < total:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            if step == 1:
-                start, count = time.perf_counter(), 0
-            method.schedule(optimizer, step + 5, 100, 5, args.batch_size)  # past the warm-up
-            inputs = method.inputs(batch, device, channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
-                loss = model(*inputs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.clip_gradients(model)
-            optimizer.step()
+    warmup = max(1, args.warmup_steps)
+    total = args.steps + warmup
+    count, start = 0, None
+    for step, batch in enumerate(batches()):
+        if step >= total:
+            break
+        if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            count += args.batch_size
-            step += 1
-            if step >= total:
-                break
-        epoch += 1
+            start, count = time.perf_counter(), 0
+        method.schedule(optimizer, step + 5, 100, 5, args.batch_size)  # past the warm-up
+        inputs = method.inputs(batch, device, channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+            loss = net(*inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.clip_gradients(model)
+        optimizer.step()
+        count += args.batch_size
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return count / (time.perf_counter() - start)
 
 
@@ -245,11 +288,48 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="Timed training steps per path.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     p.add_argument("--json", type=Path, help="Also write the figures here.")
+    p.add_argument("--skip-reference", action="store_true",
+                   help="Only the per-method rates (no PNGs generated, no reference path).")
+    p.add_argument("--in-memory", action="store_true",
+                   help="Also time each method fed from one batch kept on the device (no input path): "
+                        "method_<m>_images_per_s_in_memory and loader_vs_in_memory_<m> (goal >= 0.9).")
+    p.add_argument("--compile", action="store_true",
+                   help="Also time each method with the model through torch.compile (pretrain.compile): "
+                        "method_<m>_images_per_s_compiled and compile_speedup_<m>.")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's).")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor).")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last ResNets also without AMP (on GPU it follows AMP, as in the pipeline).")
+    p.add_argument("--no-amp", action="store_true", help="No bf16 autocast on GPU (pretrain.amp: false).")
+    p.add_argument("--warmup-steps", type=int, default=1, help="Untimed steps first (compilation, cudnn).")
+    p.add_argument("--ddp", action="store_true",
+                   help="Run the methods under DDP (launch with torchrun; NCCL on GPU, gloo on CPU): "
+                        "--batch-size is the global batch, rates count all ranks; rank 0 reports.")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     random.seed(0)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = None
+    if args.ddp:
+        from cxrssl.runtime import init_distributed
+
+        info = init_distributed(args.device)
+        device = info.device
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     tmp = tempfile.TemporaryDirectory(prefix="cxrssl_bench_")
+    if args.skip_reference or args.ddp:
+        out = method_figures(args, device, tmp, info)
+        if info is not None:
+            from cxrssl.runtime import cleanup_distributed
+
+            out["ddp_world_size"], out["ddp_backend"] = info.world_size, torch.distributed.get_backend()
+            cleanup_distributed()
+            if not info.is_main:
+                tmp.cleanup()
+                return out
+        return report(out, args, tmp)
     cache, pngs = args.cache, sorted(args.png_dir.glob("**/*.png")) if args.png_dir else None
     if cache is None or pngs is None:
         t0 = time.perf_counter()
@@ -279,19 +359,54 @@ def main(argv=None) -> dict:
         sampler.set_epoch(1)
         out["train_pairs_per_s_pipeline"] = train_rate(pipe_loader, model(), device, True, args.steps)
         out["train_ratio"] = out["train_pairs_per_s_pipeline"] / out["train_pairs_per_s_reference"]
+    out.update(method_figures(args, device, tmp, None, cache, n_cache))
+    return report(out, args, tmp)
+
+
+def method_figures(args, device, tmp, info, cache=None, n_cache=None) -> dict:
+    """Per-method rates (loader-fed; with --in-memory / --compile also those and their ratios)."""
+    if cache is None:
+        cache = Path(tmp.name) / "cache.npy"
+        rng = np.random.default_rng(0)
+        n_cache = args.n_images
+        if info is None or info.is_main:
+            np.save(cache, rng.integers(0, 256, (n_cache, args.cache_size, args.cache_size), dtype=np.uint8))
+        if info is not None and info.distributed:  # every rank its own temporary folder: share rank 0's
+            import torch.distributed as dist
+
+            names = [str(cache)]
+            dist.broadcast_object_list(names, src=0)
+            cache = Path(names[0])
+    out = {"device": str(device), "workers": args.workers, "crop": args.crop, "batch_size": args.batch_size,
+           "torch_threads": torch.get_num_threads(), "amp": device.type == "cuda" and not args.no_amp}
     arch = args.arch if args.arch != "none" else "resnet18"
     for name in args.methods:
         method_arch = args.vit_arch if get_method(name).families == ("vit",) else arch
         out[f"method_{name}_arch"] = method_arch
-        out[f"method_{name}_images_per_s"] = method_rate(name, method_arch, cache, n_cache, args, device)
+        out[f"method_{name}_images_per_s"] = method_rate(name, method_arch, cache, n_cache, args, device, info=info)
+        if args.in_memory:
+            rate = method_rate(name, method_arch, cache, n_cache, args, device, "memory", info=info)
+            out[f"method_{name}_images_per_s_in_memory"] = rate
+            out[f"loader_vs_in_memory_{name}"] = out[f"method_{name}_images_per_s"] / rate
+        if args.compile:
+            eager = method_rate(name, method_arch, cache, n_cache, args, device, "memory", info=info)
+            compiled = method_rate(name, method_arch, cache, n_cache, args, device, "memory", True, info=info)
+            out[f"method_{name}_images_per_s_eager_in_memory"] = eager
+            out[f"method_{name}_images_per_s_compiled"] = compiled
+            out[f"compile_speedup_{name}"] = compiled / eager
     if args.methods:
         base = args.methods[0]
         for name in args.methods[1:]:
             out[f"method_ratio_{name}_vs_{base}"] = (out[f"method_{name}_images_per_s"]
                                                      / out[f"method_{base}_images_per_s"])
+    return out
+
+
+def report(out: dict, args, tmp) -> dict:
     for key, value in out.items():
         print(f"{key:32s} {value:.2f}" if isinstance(value, float) else f"{key:32s} {value}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     tmp.cleanup()
     return out

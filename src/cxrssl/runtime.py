@@ -305,3 +305,39 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
             f"not a loadable {what}: only tensors and plain data are accepted, code and pickled "
             f"objects are refused ({type(exc).__name__}: {first[:300]})",
         ) from None
+
+
+class CompileError(RuntimeError):
+    """``torch.compile`` could not compile a model the config asked to compile (no silent eager fallback)."""
+
+
+def compile_module(module: nn.Module, setting: str, device: torch.device, mode: str | None = None,
+                   backend: str = "inductor") -> nn.Module:
+    """Compile ``module`` in place (``nn.Module.compile``: its state dict keys stay as they are).
+
+    ``setting`` names the config key (``pretrain.compile``) for the messages. Compilation is lazy
+    (first call); :func:`compile_failure` turns a failure there into a :class:`CompileError`. The
+    inductor backend needs a C compiler on a CPU: checked here so a run fails before its first step.
+    """
+    import shutil
+
+    if backend == "inductor" and device.type == "cpu" and not (os.environ.get("CC") or shutil.which("gcc")
+                                                               or shutil.which("cc") or shutil.which("clang")):
+        raise CompileError(f"{setting}: torch.compile's inductor backend needs a C compiler on a CPU (gcc/cc/clang "
+                           f"or $CC) and none was found; install one or set {setting}: false")
+    module.compile(mode=mode, backend=backend)
+    log.info("%s: model compiled with torch.compile (backend %s, mode %s); the first steps compile", setting,
+             backend, mode or "default")
+    return module
+
+
+def compile_failure(setting: str, error: BaseException) -> CompileError | None:
+    """A :class:`CompileError` for ``error`` when it came from torch.compile (else None)."""
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return None
+    if isinstance(error, TorchDynamoException):
+        return CompileError(f"{setting}: torch.compile failed ({type(error).__name__}: {str(error)[:500]}); "
+                            f"set {setting}: false to train eagerly")
+    return None

@@ -138,6 +138,23 @@ def autocast_device_for(device_type: str, amp: bool) -> str | None:
     return "cuda" if amp and device_type == "cuda" else None
 
 
+def compile_backbone(model: nn.Module, device: torch.device | None = None, mode: str | None = None,
+                     backend: str = "inductor") -> nn.Module:
+    """``detection.compile``: the backbone + FPN of ``model`` through torch.compile, in place.
+
+    Only the backbone: its input is the padded batch (a fixed size at one ``res``), while the RPN
+    and RoI heads work on data-dependent numbers of boxes (graph breaks, recompiles). State dict
+    keys do not change, so checkpoints of compiled and eager runs are interchangeable.
+    """
+    from cxrssl.runtime import compile_module
+
+    if not isinstance(model.backbone, MixedPrecisionFPN):
+        raise TypeError(f"the detector's backbone is a {type(model.backbone).__name__}, not a MixedPrecisionFPN")
+    device = device if device is not None else next(model.parameters()).device
+    compile_module(model.backbone, "detection.compile", torch.device(device), mode, backend)
+    return model
+
+
 def set_precision(model: nn.Module, autocast_device: str | None) -> None:
     """Run the backbone + FPN of ``model`` under bf16 autocast on ``autocast_device`` (None: fp32).
 

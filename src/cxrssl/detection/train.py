@@ -49,7 +49,7 @@ from cxrssl.detection.dataset import CocoDetection, collate, input_format
 from cxrssl.detection.engine import LOSS_KEYS, coco_map50, predict_coco, train_one_epoch
 from cxrssl.detection.engines import make_meta
 from cxrssl.detection.model import (NUM_CLASSES, Detector, autocast_device_for, build_detector, build_meta,
-                                    detector_from_meta, set_precision)
+                                    compile_backbone, detector_from_meta, set_precision)
 from cxrssl.detection.schedule import WarmupCosine
 from cxrssl.io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from cxrssl.runtime import (cleanup_distributed, gather_objects, init_distributed, load_checkpoint, rng_state,
@@ -139,6 +139,8 @@ def build_plan(settings: dict, train_json: str | Path, init: str, res: int, seed
     model.to(device)
     if autocast:
         model.to(memory_format=torch.channels_last)
+    if s.get("compile", False):
+        compile_backbone(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -37,8 +37,9 @@ from tqdm import tqdm
 from cxrssl.errors import BadInputError
 from cxrssl.io import atomic_savefig, atomic_write_csv
 from cxrssl.models.backbones import build_backbone, export_state_dict, write_sidecar
-from cxrssl.runtime import (DistInfo, cleanup_distributed, configure_threads, fingerprint, init_distributed,
-                            load_checkpoint, rng_state, save_checkpoint, set_rng_state, sync_batchnorm)
+from cxrssl.runtime import (DistInfo, cleanup_distributed, compile_failure, compile_module, configure_threads,
+                            fingerprint, init_distributed, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                            sync_batchnorm)
 from cxrssl.ssl.data import NIHImages, PairSampler, open_cache
 from cxrssl.ssl.registry import PretrainMethod, get_method
 from cxrssl.utils import progress_disabled, seed_everything
@@ -204,6 +205,9 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
 
     net = DistributedDataParallel(model, device_ids=[dev.index] if cuda else None) if info.distributed else model
     net.train()
+    compiled = bool(s.get("compile", False))
+    if compiled:  # in place: model.state_dict() (checkpoints, export) keeps its keys
+        compile_module(net, "pretrain.compile", dev)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {name}", unit="step", dynamic_ncols=True,
                disable=progress_disabled() or not info.is_main)
@@ -215,10 +219,16 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
         for batch in loader:
             lrs = method.schedule(optimizer, step, total_steps, warmup_steps, global_batch)
             inputs = method.inputs(batch, dev, channels_last)
-            with autocast():
-                loss = net(*inputs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                with autocast():
+                    loss = net(*inputs)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except Exception as error:
+                failure = compile_failure("pretrain.compile", error) if compiled else None
+                if failure is not None:
+                    raise failure from error
+                raise
             method.clip_gradients(model)
             optimizer.step()
             value = loss.detach()
