@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="CAM grid of both paths (cxrssl.cam.FPNReshape); 0 = the library's, the coarsest level "
                              "(2x2 cells at 128 px: use 8 for a finer comparison there).")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-library", action="store_true",
+                        help="Time cxrssl's fast Ablation-CAM only (no library reference, no agreement scores): "
+                             "what benchmarks/gpu.sh reports.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/out/heatmaps.json", help="Results JSON.")
@@ -124,6 +127,23 @@ def main(argv: list[str] | None = None) -> None:
                                top_k=args.top_k, min_grid=args.min_grid) for r in args.ratio}
 
     rows = []
+    if args.no_library:
+        compute_cam(model, images[0], method="ablation", ratio=args.ratio[0], batch_size=args.batch_size,
+                    top_k=args.top_k, min_grid=args.min_grid)  # warm-up (allocator, cudnn)
+        for n, image in enumerate(images):
+            for r in args.ratio:
+                run = compute_cam(model, image, method="ablation", ratio=r, batch_size=args.batch_size,
+                                  top_k=args.top_k, min_grid=args.min_grid)
+                rows.append({"image": n, "ratio": r, "fast_s": run.seconds, "boxes_explained": len(run.boxes),
+                             "channels_ablated": run.n_channels_ablated})
+        summary = {"config": vars(args), "device": str(device), "images": rows,
+                   "mean": {str(r): {"fast_s": float(np.mean([x["fast_s"] for x in rows if x["ratio"] == r]))}
+                            for r in args.ratio}}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary["mean"]))
+        return
     for n, image in enumerate(images):
         # cxrssl's path runs before and after the library's and is timed by the mean of both, so
         # that a shared machine's changing load biases neither side

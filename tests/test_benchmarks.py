@@ -1,0 +1,60 @@
+"""benchmarks/gpu.sh --dry: the GPU slot's script runs end to end on CPU and prints its one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+KEYS = {"dry", "gpus", "stages", "barlowtwins_images_per_s_loader", "barlowtwins_images_per_s_in_memory",
+        "barlowtwins_loader_vs_in_memory", "gmml_images_per_s_loader", "gmml_images_per_s_in_memory",
+        "input_path_loader_pairs_per_s_pipeline", "input_path_loader_pairs_per_s_reference", "input_path_loader_ratio",
+        "detection_torchvision_iteration_s", "detection_stock_torchvision_iteration_s", "mmdet",
+        "ablation_cam_s_per_image", "ddp_images_per_s", "goal_barlowtwins_rate", "goal_loader_not_bottleneck",
+        "failed_stages"}
+STAGES = {"barlowtwins", "gmml", "input_path", "detection", "ablation_cam"}
+
+
+def test_gpu_sh_dry_runs_every_stage_and_prints_one_json_object(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, GPU_SH_OUT=str(tmp_path / "gpu.json"), TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), "--dry"], capture_output=True, text=True,
+                          env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)  # stdout is the JSON object and nothing else
+    assert KEYS <= set(out), KEYS - set(out)
+    assert out["dry"] is True and out["failed_stages"] == [], proc.stderr[-3000:]
+    assert {k for k, v in out["stages"].items() if v["status"] == "ok"} == STAGES
+    assert out["stages"]["ddp"]["status"].startswith("skipped")
+    for key in ("barlowtwins_images_per_s_loader", "barlowtwins_images_per_s_in_memory", "gmml_images_per_s_loader",
+                "input_path_loader_pairs_per_s_pipeline", "detection_torchvision_iteration_s",
+                "ablation_cam_s_per_image"):
+        assert isinstance(out[key], float) and out[key] > 0, key
+    assert out["barlowtwins_loader_vs_in_memory"] == (out["barlowtwins_images_per_s_loader"]
+                                                      / out["barlowtwins_images_per_s_in_memory"])
+    assert out["goal_barlowtwins_rate"]["target_images_per_s"] == 1770
+    assert out["goal_barlowtwins_rate"]["met"] is None  # a dry run decides no goal
+    assert json.loads((tmp_path / "gpu.json").read_text()) == out
+    assert not list(tmp_path.glob("cxrssl_gpu_sh.*"))  # its work folder is removed
+
+
+def test_gpu_sh_stage_time_limit_reports_a_hung_stage(tmp_path):
+    """A stage past its limit is killed and reported; the script still prints its JSON."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncase \"$1\" in *pretrain_throughput.py) exec sleep 30;; esac\nexec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    script = (REPO / "benchmarks/gpu.sh").read_text().replace("=240", "=2")
+    assert script.count("=2\n") + script.count("=2;") == 7
+    (tmp_path / "benchmarks").mkdir()  # a copy without the Python benchmarks: the other stages fail fast
+    (tmp_path / "benchmarks" / "gpu.sh").write_text(script)
+    env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(tmp_path / "benchmarks/gpu.sh"), "--dry"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    out = json.loads(proc.stdout)
+    assert out["stages"]["barlowtwins"]["status"] == "timeout after 2 s"
+    assert "barlowtwins" in out["failed_stages"]
+    assert out["barlowtwins_images_per_s_loader"] is None
+    assert out["stages"]["detection"]["status"].startswith("failed (exit")
+    assert out["stages"]["detection"]["log_tail"]
