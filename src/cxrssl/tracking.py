@@ -218,6 +218,16 @@ class Tracker:
             self.log_metric(f"{prefix}{name}", value, step)
         self.next_step()
 
+    def log_rows(self, rows: list[dict], step_key: str = "iter", epoch_keys: tuple[str, ...] = ()) -> None:
+        """One epoch of per-iteration log rows (a train_log.csv's): each row's values at its
+        ``step_key`` as per-step values, then the ``epoch_keys`` of the last row (val metrics)."""
+        for row in rows:
+            self.log_step({k: v for k, v in row.items() if k not in (step_key, "epoch", *epoch_keys)},
+                          row[step_key])
+        if rows:
+            last = rows[-1]
+            self.log_epoch({k: last[k] for k in epoch_keys if k in last}, last[step_key])
+
     def next_step(self) -> None:
         pass
 
