@@ -17,6 +17,7 @@ import yaml
 
 from conftest import REPO, TINY_CONFIG
 from cxrssl import tracking
+from cxrssl.classes import NIH_FINDINGS as NIH
 from cxrssl.config import section_defaults
 from cxrssl.ssl.monitor import knn_auc, knn_scores
 
@@ -262,3 +263,70 @@ def test_demo_run_monitors_every_method_and_tracks_live(demo_run):
         assert (run / "dvclive" / "metrics.json").is_file(), method
     for folder in ("linear_eval", "detection"):
         assert list((demo_run / "results" / folder).rglob("dvclive/metrics.json")), folder
+
+
+# --- the other training loops log what they write to their own logs ----------------------------
+
+def _live_series(live: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(live / "plots" / "metrics" / f"{name}.tsv", sep="\t")
+
+
+def test_linear_evaluation_logs_its_history_live(tmp_path):
+    from test_linear_eval import fast_settings, synthetic_images, synthetic_index, write_dataset
+
+    from cxrssl.linear_eval import run_linear_eval
+
+    index = synthetic_index(48, 3, 12)
+    images = synthetic_images(index[list(NIH)].to_numpy(), np.random.default_rng(0))
+    index_path, cache_path = write_dataset(tmp_path / "data", index, images)
+    tracking.configure({"backend": "dvclive", "every_n_steps": 1})
+    metrics = run_linear_eval(index_path=index_path, cache_path=cache_path, init="random", fraction=1.0,
+                              arch="resnet18", seed=0, settings=fast_settings(epochs=2), out_dir=tmp_path / "run")
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    live = tmp_path / "run" / "dvclive"
+    for column in ("train_loss", "val_loss", "val_mean_auc", "lr"):
+        series = _live_series(live, column)
+        assert series["step"].tolist() == history["epoch"].tolist(), column
+        np.testing.assert_allclose(series[column], history[column], rtol=1e-6)
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["final"]["test_mean_auc"] == pytest.approx(metrics["test_mean_auc"])
+    assert len(_live_series(live, "train/loss")) > len(history)  # every step
+
+
+def test_torchvision_detection_logs_its_train_log_live(tmp_path):
+    from test_detection import make_split, tiny_settings
+
+    from cxrssl.detection import train
+
+    data = {split: make_split(tmp_path / "coco", split, n, seed) for split, n, seed in
+            (("train", 8, 0), ("val", 4, 1), ("test", 2, 2))}
+    tracking.configure({"backend": "dvclive", "every_n_steps": 1})
+    train.train_detector(data["train"], data["val"], data["test"], tmp_path / "run", init="random", res=64, seed=0,
+                         settings=tiny_settings(epochs=2), device="cpu")
+    log = pd.read_csv(tmp_path / "run" / "train_log.csv")
+    live = tmp_path / "run" / "dvclive"
+    loss = _live_series(live, "train/loss")
+    assert loss["step"].tolist() == log["iter"].tolist()
+    np.testing.assert_allclose(loss["loss"], log["loss"], rtol=1e-6)
+    per_epoch = log.dropna(subset=["val_mAP50"])
+    val = _live_series(live, "val_mAP50")
+    assert val["step"].tolist() == per_epoch["iter"].tolist()
+    np.testing.assert_allclose(val["val_mAP50"], per_epoch["val_mAP50"], rtol=1e-6)
+
+
+@pytest.mark.mmdet
+def test_mmdet_detection_logs_its_train_log_live(tmp_path):
+    from test_mmdet import _require_mmdet, make_coco, params
+
+    engine = _require_mmdet()
+    jsons = make_coco(tmp_path / "data", sizes=(2, 2, 2))
+    tracking.configure({"backend": "dvclive", "every_n_steps": 1})
+    engine.train(jsons["train"], jsons["val"], jsons["test"], tmp_path / "run", init="random", res=64, seed=0,
+                 settings=params(arch="resnet18", epochs=2, batch_size=2, warmup_iters=1, workers=0, score_thr=0.0))
+    log = pd.read_csv(tmp_path / "run" / "train_log.csv")
+    live = tmp_path / "run" / "dvclive"
+    loss = _live_series(live, "train/loss")
+    assert loss["step"].tolist() == log["iter"].tolist()
+    np.testing.assert_allclose(loss["loss"], log["loss"], rtol=1e-6)
+    per_epoch = log.dropna(subset=["val_mAP50"])
+    assert _live_series(live, "val_mAP50")["step"].tolist() == per_epoch["iter"].tolist()

@@ -254,7 +254,9 @@ class DVCLiveTracker(Tracker):
 
     ``save_dvc_exp=False`` and ``dvcyaml=None``: it never creates an experiment or writes a
     dvc.yaml of its own, so it works the same under `dvc exp run`, `dvc repro`, Snakemake or
-    alone; the repository's dvc.yaml declares these files as metrics and plots.
+    alone; the repository's dvc.yaml declares these files as metrics and plots. ``close`` writes
+    the summary but never calls ``Live.end()``, which inside `dvc exp run` would try to make the
+    folder git-tracked (it lies in a DVC stage output).
     """
 
     backend = "dvclive"
@@ -271,6 +273,8 @@ class DVCLiveTracker(Tracker):
         self.live.log_params(params)
 
     def _metric(self, name: str, value: float, step: int) -> None:
+        if name.split("/")[0] == "step":  # dvclive's summary holds the step under that key
+            raise ValueError(f"metric name {name!r}: 'step' is reserved by dvclive")
         self.live.step = step
         self.live.log_metric(name, value)
         self._dirty = True

@@ -275,7 +275,7 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-            tracker.log_step({"loss": losses[-1]}, (epoch - 1) * n_steps + len(losses), prefix="step/")
+            tracker.log_step({"loss": losses[-1]}, (epoch - 1) * n_steps + len(losses))
         train_loss = float(np.mean(losses))
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}; lower linear_eval.lr")
