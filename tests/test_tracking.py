@@ -330,3 +330,12 @@ def test_mmdet_detection_logs_its_train_log_live(tmp_path):
     np.testing.assert_allclose(loss["loss"], log["loss"], rtol=1e-6)
     per_epoch = log.dropna(subset=["val_mAP50"])
     assert _live_series(live, "val_mAP50")["step"].tolist() == per_epoch["iter"].tolist()
+
+
+@pytest.mark.slow
+def test_changing_the_tracking_backend_reruns_nothing(demo_run, tiny_config, tmp_path):
+    from conftest import snakemake, write_config
+
+    config = dict(tiny_config, tracking={"backend": "mlflow", "every_n_steps": 5})
+    out = snakemake(demo_run, "-n", configfile=write_config(tmp_path / "mlflow.yaml", config))
+    assert "Nothing to be done" in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
