@@ -339,3 +339,29 @@ def test_changing_the_tracking_backend_reruns_nothing(demo_run, tiny_config, tmp
     config = dict(tiny_config, tracking={"backend": "mlflow", "every_n_steps": 5})
     out = snakemake(demo_run, "-n", configfile=write_config(tmp_path / "mlflow.yaml", config))
     assert "Nothing to be done" in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
+
+
+def test_multimodal_pretraining_logs_its_metrics_live(tmp_path):
+    from test_multimodal import tiny_settings
+
+    from cxrssl.demo.nih import make_nih
+    from cxrssl.demo.reports import make_reports
+    from cxrssl.errors import Quarantine
+    from cxrssl.multimodal.reports import load_reports, patient_split, write_pairs
+    from cxrssl.multimodal.train import pretrain_multimodal
+
+    records = []
+    make_nih(tmp_path / "nih", n_images=30, n_patients=10, image_size=64, seed=3, on_image=records.append)
+    make_reports(tmp_path / "reports", records, seed=3)
+    mimic = tmp_path / "reports" / "mimic_cxr"
+    write_pairs(patient_split(load_reports("mimic", mimic, Quarantine("skip")), 0.15, 0.0, seed=0),
+                tmp_path / "pairs.csv")
+    tracking.configure({"backend": "dvclive", "every_n_steps": 1})
+    path = pretrain_multimodal(tmp_path / "pairs.csv", mimic, tmp_path / "run", tiny_settings(), seed=4,
+                               device="cpu", threads=1)
+    metrics = pd.read_csv(path.parent / "metrics.csv")
+    loss = _live_series(tmp_path / "run" / "dvclive", "train/loss")
+    assert loss["step"].tolist() == metrics["step"].tolist()
+    np.testing.assert_allclose(loss["loss"], metrics["loss"], rtol=1e-6)
+    val = pd.read_csv(path.parent / "val.csv")
+    np.testing.assert_allclose(_live_series(tmp_path / "run" / "dvclive", "val/loss")["loss"], val["loss"], rtol=1e-6)
