@@ -130,6 +130,11 @@ def cli(section, exclude=()):
     return " ".join(shlex.quote(a) for a in section_to_cli(section, node, exclude=tuple(exclude)))
 
 
+# Live tracking flags (config `tracking`) of the training scripts. Rules put them in `shell:` as
+# {TRACKING_ARGS}, not in `params:`: a different tracking back end reruns no training job.
+TRACKING_ARGS = cli("tracking")
+
+
 def pretrain_backbones():
     """backbone.pth of every method in pretrain.methods."""
     return expand(PRETRAIN_BACKBONE, method=config["pretrain"]["methods"])

@@ -11,6 +11,7 @@
 
 PRETRAIN_METRICS = f"{PRETRAIN_DIR}/metrics.csv"
 PRETRAIN_PLOT = f"{PRETRAIN_DIR}/loss.png"
+PRETRAIN_MONITOR = f"{PRETRAIN_DIR}/monitor.csv"  # kNN monitor (pretrain.monitor_*); live logs: <run>/dvclive
 
 
 rule pretrain:
@@ -24,6 +25,8 @@ rule pretrain:
                        labels={"method": "{method}", "file": "metrics.csv"}),
         plot=report(PRETRAIN_PLOT, caption="../report/pretrain_loss.rst", category="Pretraining",
                     labels={"method": "{method}", "file": "loss.png"}),
+        monitor=report(PRETRAIN_MONITOR, caption="../report/pretrain_monitor.rst", category="Pretraining",
+                       labels={"method": "{method}", "file": "monitor.csv"}),
     log:
         f"{LOGS}/pretrain/{{method}}.log",
     benchmark:
@@ -47,10 +50,10 @@ rule pretrain:
         "{params.launcher} {SCRIPTS}/pretrain.py --method {wildcards.method} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed}"
         " --threads {params.torch_threads} {params.imagenet} {params.args} {params.method_args}"
-        " --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
+        " {TRACKING_ARGS} --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
 
 
 FINAL_TARGETS.append(
-    lambda: expand([PRETRAIN_BACKBONE, PRETRAIN_SIDECAR, PRETRAIN_METRICS, PRETRAIN_PLOT],
+    lambda: expand([PRETRAIN_BACKBONE, PRETRAIN_SIDECAR, PRETRAIN_METRICS, PRETRAIN_PLOT, PRETRAIN_MONITOR],
                    method=config["pretrain"]["methods"])
 )

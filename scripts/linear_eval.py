@@ -35,12 +35,16 @@ def main() -> None:
                         help="torch CPU threads of this job (fixed, so CPU results do not depend on the cores granted).")
     parser.add_argument("--log", default=None, help="Log file.")
     add_section_args(parser, "linear_eval", exclude=EXCLUDE)
+    add_section_args(parser, "tracking")  # live metrics (cxrssl.tracking)
     args = parser.parse_args()
 
     from cxrssl.linear_eval import run_linear_eval
     from cxrssl.utils import setup_logging
 
     setup_logging(args.log)
+    from cxrssl import tracking
+
+    tracking.configure(section_args(args, "tracking"))
     run_linear_eval(index_path=args.index, cache_path=args.cache, init=args.init, fraction=args.fraction,
                     out_dir=args.out_dir, seed=args.seed, settings=section_args(args, "linear_eval", exclude=EXCLUDE),
                     imagenet_weights=args.imagenet_weights, init_name=args.init_name, threads=args.threads)

@@ -53,12 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", "--log-file", dest="log", default=None, help="Log file (the rule's log).")
     add_section_args(parser, "pretrain", exclude=EXCLUDE)
     add_section_args(parser, f"pretrain.{method}")
+    add_section_args(parser, "tracking")  # live metrics (cxrssl.tracking)
     args = parser.parse_args(argv)
 
     from cxrssl.ssl.train import pretrain
     from cxrssl.utils import setup_logging
 
     setup_logging(args.log)
+    from cxrssl import tracking
+
+    tracking.configure(section_args(args, "tracking"))
     settings = {**section_args(args, "pretrain", exclude=EXCLUDE), method: section_args(args, f"pretrain.{method}")}
     pretrain(args.index, args.cache, args.out_dir, settings, method=method, seed=args.seed,
              imagenet_weights=args.imagenet_weights, device=args.device, checkpoint=args.checkpoint,

@@ -33,6 +33,7 @@ def main() -> None:
     # --log-file is the spelling to use under torchrun, whose own parser takes --log for --log-dir
     parser.add_argument("--log", "--log-file", dest="log", default=None, help="Log file.")
     add_section_args(parser, "detection", exclude=RUN_SETTINGS)
+    add_section_args(parser, "tracking")  # live metrics (cxrssl.tracking)
     args = parser.parse_args()
 
     # Imported after parsing so that --help works without torch's start-up cost or mmcv installed.
@@ -42,6 +43,9 @@ def main() -> None:
 
     setup_logging(args.log)
     configure_threads(args.threads)
+    from cxrssl import tracking
+
+    tracking.configure(section_args(args, "tracking"))
     get_engine(args.engine).train(
         args.train_json, args.val_json, args.test_json, args.out_dir, init=args.init, res=args.res,
         seed=args.seed, settings=section_args(args, "detection", exclude=RUN_SETTINGS),

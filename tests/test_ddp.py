@@ -136,7 +136,8 @@ def test_torchrun_pretraining_matches_single_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            str(REPO / "scripts" / "pretrain.py"), "--index", str(index), "--cache", str(cache),
            "--out-dir", str(tmp_path / "ddp"), "--seed", "3", "--device", "cpu", "--threads", "2",
-           "--log-file", str(tmp_path / "ddp.log"), *cli_args(s, "barlowtwins")]
+           "--log-file", str(tmp_path / "ddp.log"), *cli_args(s, "barlowtwins"),
+           "--backend", "dvclive", "--every-n-steps", "1"]  # live tracking: rank 0 alone logs
     env = dict(os.environ, CXRSSL_PROGRESS="0", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -167,6 +168,9 @@ def test_torchrun_pretraining_matches_single_process(tmp_path):
     m_ddp = pd.read_csv(tmp_path / "ddp" / "metrics.csv")
     m_one = pd.read_csv(tmp_path / "single" / "metrics.csv")
     assert len(m_ddp) == 2  # 16 train_val images / batch 8
+    live = pd.read_csv(tmp_path / "ddp" / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
+    assert live["step"].tolist() == [1, 2]  # once per step: one rank logged
+    assert live["loss"].tolist() == pytest.approx(m_ddp["loss"].tolist(), rel=1e-6)
     assert m_ddp["loss"][0] == pytest.approx(m_one["loss"][0], rel=1e-5)  # same weights, same batch
     assert m_ddp["loss"][1] == pytest.approx(m_one["loss"][1], rel=1e-4)
     moved = max((b[k] - v).abs().max().item() for k, v in init.items()

@@ -131,3 +131,254 @@ def paths_under(paths: Sequence[str], folders: Sequence[str], first: Sequence[st
     prefixes = tuple(os.path.normpath(f) + os.sep for f in folders)
     inside = [p for p in paths if os.path.normpath(p).startswith(prefixes)]
     return list(dict.fromkeys([*first, *inside]))
+
+
+# --- live tracking: one small interface over dvclive, MLflow, TensorBoard (or nothing) ----------
+#
+# The training loops compute their losses and metrics once (they write metrics.csv, history.csv,
+# train_log.csv); they hand the same numbers to a Tracker as they go, so a run can be watched
+# while it trains (`dvc plots show`, `mlflow ui`, `tensorboard --logdir`). Which back end: the
+# top-level ``tracking`` section of the config, set once per process by :func:`configure` (the
+# scripts do it from their flags); a process that never calls it tracks nothing.
+
+BACKENDS = ("dvclive", "mlflow", "tensorboard", "none")
+_SETTINGS: dict = {"backend": "none", "dir": None, "every_n_steps": 1, "mlflow_uri": "results/mlruns"}
+
+
+def configure(settings: dict | None) -> dict:
+    """Set the process's tracking settings (the ``tracking`` config section); returns them."""
+    merged = {**_SETTINGS, **(settings or {})}
+    if merged["backend"] not in BACKENDS:
+        raise ValueError(f"tracking.backend must be one of {BACKENDS}, got {merged['backend']!r}")
+    if int(merged["every_n_steps"]) < 1:
+        raise ValueError(f"tracking.every_n_steps must be >= 1, got {merged['every_n_steps']!r}")
+    _SETTINGS.update(merged)
+    return dict(_SETTINGS)
+
+
+def current_settings() -> dict:
+    return dict(_SETTINGS)
+
+
+def _flat(params: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def _plain(value):
+    """A parameter value as YAML/JSON-safe plain data (paths and other objects become strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+class Tracker:
+    """Live metrics of one run. This base class is the ``none`` back end: it records nothing.
+
+    ``log_metric(name, value, step)`` logs one number at a step (names like ``train/loss``;
+    None and NaN are skipped); ``log_step`` logs per-step values, thinned to every
+    ``every_n_steps``-th step; ``log_epoch`` logs epoch-level values (always). ``next_step``
+    flushes (dvclive rewrites its summary ``metrics.json``); ``close`` ends the run.
+    """
+
+    backend = "none"
+
+    def __init__(self, every_n_steps: int = 1):
+        self.every_n_steps = max(1, int(every_n_steps))
+
+    # -- interface --
+    def log_params(self, params: dict) -> None:
+        self._params(_plain(params))
+
+    def log_metric(self, name: str, value, step: int) -> None:
+        if value is None or isinstance(value, bool):
+            return
+        value = float(value)
+        if math.isfinite(value):
+            self._metric(name, value, int(step))
+
+    def log_step(self, values: dict, step: int, prefix: str = "train/") -> None:
+        if int(step) % self.every_n_steps == 0 or int(step) == 1:
+            self.log_epoch(values, step, prefix)
+
+    def log_epoch(self, values: dict, step: int, prefix: str = "") -> None:
+        for name, value in values.items():
+            self.log_metric(f"{prefix}{name}", value, step)
+        self.next_step()
+
+    def log_rows(self, rows: list[dict], step_key: str = "iter", epoch_keys: tuple[str, ...] = ()) -> None:
+        """One epoch of per-iteration log rows (a train_log.csv's): each row's values at its
+        ``step_key`` as per-step values, then the ``epoch_keys`` of the last row (val metrics)."""
+        for row in rows:
+            self.log_step({k: v for k, v in row.items() if k not in (step_key, "epoch", *epoch_keys)},
+                          row[step_key])
+        if rows:
+            last = rows[-1]
+            self.log_epoch({k: last[k] for k in epoch_keys if k in last}, last[step_key])
+
+    def next_step(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- back-end hooks --
+    def _params(self, params: dict) -> None:
+        pass
+
+    def _metric(self, name: str, value: float, step: int) -> None:
+        pass
+
+
+class DVCLiveTracker(Tracker):
+    """dvclive in ``<run dir>/<dir>``: ``metrics.json`` (latest values), ``params.yaml``,
+    ``plots/metrics/<name>.tsv`` (one row per logged step).
+
+    ``save_dvc_exp=False`` and ``dvcyaml=None``: it never creates an experiment or writes a
+    dvc.yaml of its own, so it works the same under `dvc exp run`, `dvc repro`, Snakemake or
+    alone; the repository's dvc.yaml declares these files as metrics and plots. ``close`` writes
+    the summary but never calls ``Live.end()``, which inside `dvc exp run` would try to make the
+    folder git-tracked (it lies in a DVC stage output).
+    """
+
+    backend = "dvclive"
+
+    def __init__(self, folder: Path, every_n_steps: int = 1, resume: bool = False):
+        super().__init__(every_n_steps)
+        from dvclive import Live
+
+        logging.getLogger("dvclive").setLevel(logging.WARNING)
+        self.live = Live(str(folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+        self._dirty = False
+
+    def _params(self, params: dict) -> None:
+        self.live.log_params(params)
+
+    def _metric(self, name: str, value: float, step: int) -> None:
+        if name.split("/")[0] == "step":  # dvclive's summary holds the step under that key
+            raise ValueError(f"metric name {name!r}: 'step' is reserved by dvclive")
+        self.live.step = step
+        self.live.log_metric(name, value)
+        self._dirty = True
+
+    def next_step(self) -> None:
+        if self._dirty:
+            self.live.make_summary()
+            self._dirty = False
+
+    def close(self) -> None:
+        self.next_step()
+
+
+def mlflow_tracking_uri(uri: str) -> str:
+    """A URI as given (``sqlite:///...``, ``http://...``, ``file:...``); a plain path ending in
+    ``.db`` becomes an SQLite store, any other plain path a local file store."""
+    if "://" in uri or uri.startswith("file:"):
+        return uri
+    path = Path(uri).resolve()
+    return f"sqlite:///{path}" if path.suffix == ".db" else path.as_uri()
+
+
+class MLflowTracker(Tracker):
+    """One MLflow run (experiment = the stage, run name = the run) in the store at ``uri``
+    (:func:`mlflow_tracking_uri`; a file store opens with
+    ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <path>``)."""
+
+    backend = "mlflow"
+
+    def __init__(self, uri: str, experiment: str, run_name: str, every_n_steps: int = 1):
+        super().__init__(every_n_steps)
+        from mlflow.tracking import MlflowClient
+
+        uri = mlflow_tracking_uri(uri)
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store in maintenance mode behind this switch; it is the one
+            # store that concurrent jobs can write without a server or a shared database lock.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def _params(self, params: dict) -> None:
+        for key, value in _flat(params).items():
+            self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def _metric(self, name: str, value: float, step: int) -> None:
+        self.client.log_metric(self.run_id, name, value, step=step)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class TensorBoardTracker(Tracker):
+    """TensorBoard event files in ``<run dir>/<dir>`` (``tensorboard --logdir results``)."""
+
+    backend = "tensorboard"
+
+    def __init__(self, folder: Path, every_n_steps: int = 1):
+        super().__init__(every_n_steps)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def _params(self, params: dict) -> None:
+        text = "\n".join(f"    {k}: {v}" for k, v in _flat(params).items())
+        self.writer.add_text("params", text)
+
+    def _metric(self, name: str, value: float, step: int) -> None:
+        self.writer.add_scalar(name, value, global_step=step)
+
+    def next_step(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def live_dir(run_dir: str | Path, settings: dict | None = None) -> Path:
+    """Folder of a run's live logs: ``<run dir>/<tracking.dir>`` (default: the back end's name)."""
+    s = settings or _SETTINGS
+    return Path(run_dir) / (s.get("dir") or s["backend"])
+
+
+def start(run_dir: str | Path, name: str, params: dict | None = None, *, enabled: bool = True,
+          resume: bool = False, settings: dict | None = None) -> Tracker:
+    """A Tracker for the run in ``run_dir`` (``name`` e.g. ``pretrain/barlowtwins``), with
+    ``params`` logged. ``enabled=False`` (DDP ranks other than 0) gives the ``none`` tracker.
+    ``resume`` (dvclive) continues the live logs of an interrupted run instead of clearing them."""
+    s = {**_SETTINGS, **(settings or {})}
+    backend = s["backend"] if enabled else "none"
+    every = int(s["every_n_steps"])
+    if backend == "dvclive":
+        tracker: Tracker = DVCLiveTracker(live_dir(run_dir, s), every, resume=resume)
+    elif backend == "mlflow":
+        stage, _, run = name.partition("/")
+        tracker = MLflowTracker(str(s["mlflow_uri"]), stage, run or stage, every)
+    elif backend == "tensorboard":
+        tracker = TensorBoardTracker(live_dir(run_dir, s), every)
+    elif backend == "none":
+        tracker = Tracker(every)
+    else:
+        raise ValueError(f"tracking.backend must be one of {BACKENDS}, got {backend!r}")
+    if params and backend != "none":
+        tracker.log_params(params)
+    return tracker

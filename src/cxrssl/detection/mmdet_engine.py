@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxrssl import tracking
 from cxrssl.classes import check_class_names, coco_categories
 from cxrssl.detection.curves import plot_train_curve
 from cxrssl.errors import BadInputError
@@ -255,8 +256,9 @@ class TrainLogHook(Hook):
 
     priority = "LOW"
 
-    def __init__(self, csv_path: str | Path, curve_path: str | Path, title: str):
+    def __init__(self, csv_path: str | Path, curve_path: str | Path, title: str, tracker=None):
         self.csv_path, self.curve_path, self.title = Path(csv_path), Path(curve_path), title
+        self.tracker = tracker  # cxrssl.tracking: each epoch's rows once its val metrics are in
         self.rows: list[dict[str, Any]] = []
         self._bar = None
         self.best_value, self.best_epoch, self.best_state = -float("inf"), 0, None
@@ -304,6 +306,9 @@ class TrainLogHook(Hook):
         last.update(val_mAP50=float(metrics[BEST_METRIC]), val_mAP=float(metrics.get("coco/bbox_mAP", 0.0)),
                     val_mAP75=float(metrics.get("coco/bbox_mAP_75", 0.0)))
         self.write()
+        if self.tracker is not None:
+            self.tracker.log_rows([r for r in self.rows if r["epoch"] == last["epoch"]], "iter",
+                                  epoch_keys=("val_mAP50", "val_mAP", "val_mAP75"))
         log.info("epoch %d: loss %.4f val mAP50 %.4f", last["epoch"], last.get("loss", float("nan")),
                  last["val_mAP50"])
 
@@ -401,10 +406,16 @@ def train(train_json: str | Path, val_json: str | Path, test_json: str | Path, o
     runner = Runner.from_cfg(cfg)
     _attach_rule_log(runner.logger)
     label = init if init in ("random", "imagenet") else f"{Path(init).parent.name}/{Path(init).name}"
+    tracker = tracking.start(out_dir, f"detection/mmdet_{init_name or init}_{res}px_seed{seed}",
+                             {"engine": "mmdet", "init": init_name or init, "res": res, "seed": seed,
+                              "detection": params})
     hook = TrainLogHook(out_dir / "train_log.csv", out_dir / "train_curve.png",
-                        f"mmdet {arch}, init {label}, {res} px, seed {seed}")
+                        f"mmdet {arch}, init {label}, {res} px, seed {seed}", tracker)
     runner.register_hook(hook)
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        tracker.close()
 
     if hook.best_state is None:
         raise RuntimeError(f"mmdet run in {work_dir} reported no val {BEST_METRIC}")

@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from cxrssl import tracking
 from cxrssl.detection.curves import plot_train_curve
 from cxrssl.detection.dataset import CocoDetection, collate, input_format
 from cxrssl.detection.engine import LOSS_KEYS, coco_map50, predict_coco, train_one_epoch
@@ -215,6 +216,9 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
                  best_map, best_epoch)
         del state
 
+    tracker = tracking.start(out_dir, f"detection/torchvision_{init_name}_{res}px_seed{seed}",
+                             {"engine": "torchvision", "init": init_name, "res": res, "seed": seed, "detection": s},
+                             enabled=info.is_main, resume=start_epoch > 0)
     net = model
     if world > 1:
         if meta["norm"] == "batchnorm":
@@ -238,6 +242,7 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
             row["val_mAP50"] = float("nan")
         rows[-1]["val_mAP50"] = val_map
         history.extend(rows)
+        tracker.log_rows(rows, "iter", epoch_keys=("val_mAP50",))
         if val_map > best_map:
             best_map, best_epoch = val_map, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -258,6 +263,7 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
                  epoch, s["epochs"], float(np.mean([r["loss"] for r in rows])), val_map, best_map,
                  best_epoch, seconds, len(train_set) / max(seconds, 1e-9))
 
+    tracker.close()
     if best_state is None:
         raise RuntimeError(f"{last_path}: finished run holds no best weights")
     if start_epoch >= s["epochs"]:

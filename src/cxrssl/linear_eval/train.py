@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cxrssl import tracking
 from cxrssl.classes import NIH_FINDINGS
 from cxrssl.io import atomic_write_csv, atomic_write_json
 from cxrssl.linear_eval.data import CacheImages, image_transform, load_nih_index, open_cache
@@ -290,6 +291,9 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
     # --- training; the snapshot follows the validation mean AUC only -----------------------------
     history: list[dict] = []
     best_state: dict[str, torch.Tensor] | None = None
+    tracker = tracking.start(out_dir, f"linear_eval/{init_name or init}_frac{fraction:g}",
+                             {"init": init_name or init, "fraction": fraction, "arch": arch, "seed": seed,
+                              "linear_eval": settings})
     log.info("training %s %s (init %s, fraction %g): %d epochs x %d steps on %s", arch, mode,
              init_name or init, fraction, settings["epochs"], n_steps, device)
     for epoch in range(1, settings["epochs"] + 1):
@@ -303,6 +307,7 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+            tracker.log_step({"loss": losses[-1]}, (epoch - 1) * n_steps + len(losses))
         train_loss = float(np.mean(losses))
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch}; lower linear_eval.lr")
@@ -312,6 +317,7 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_mean_auc": val_mean,
                         "lr": max(g["lr"] for g in optimizer.param_groups)})
+        tracker.log_epoch({k: v for k, v in history[-1].items() if k != "epoch"}, epoch)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val mean AUC %.4f",
                  epoch, train_loss, val_loss, val_mean)
         if select_epoch(h["val_mean_auc"] for h in history) == epoch:
@@ -357,4 +363,7 @@ def run_linear_eval(*, index_path: str | Path, cache_path: str | Path, init: str
     atomic_write_csv(predictions, out_dir / "predictions_test.csv")
     atomic_write_csv(pd.DataFrame(history), out_dir / "history.csv")
     atomic_write_json(metrics, out_dir / "metrics.json")
+    tracker.log_epoch({k: metrics[k] for k in ("selected_epoch", "val_mean_auc", "test_mean_auc")},
+                      settings["epochs"], prefix="final/")
+    tracker.close()
     return metrics

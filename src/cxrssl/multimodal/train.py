@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cxrssl import tracking
 from cxrssl.errors import BadInputError
 from cxrssl.io import atomic_savefig, atomic_write_csv
 from cxrssl.multimodal.data import ReportImageDataset, collate_pairs
@@ -159,6 +160,8 @@ def _train(info: DistInfo, method: MultimodalMethod, pairs_path: Path, image_roo
                              "rng": rng_state(), "fingerprint": fingerprint, "metrics": rows, "val": val_rows,
                              "settings": json.dumps(asdict(s))}, ckpt_path)
 
+    tracker = tracking.start(out_dir, f"multimodal/{method.name}", {"seed": seed, "multimodal": asdict(s)},
+                             enabled=info.is_main, resume=step > 0)
     net = DistributedDataParallel(model, device_ids=[dev.index] if cuda else None) if info.distributed else model
     bar = tqdm(total=n_steps, initial=step, desc="multimodal", unit="step", dynamic_ncols=True,
                disable=progress_disabled() or not info.is_main)
@@ -184,19 +187,23 @@ def _train(info: DistInfo, method: MultimodalMethod, pairs_path: Path, image_roo
             rows.append(dict(step=step, epoch=epoch, loss=value, **part_values,
                              lr_factor=factor, pairs_per_s=s.batch_size / (now - tick)))
             tick = now
+            tracker.log_step({k: v for k, v in rows[-1].items() if k not in ("step", "epoch")}, step)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}", epoch=epoch)
             if step % per_epoch == 0 and val_set is not None:
                 val_rows.append(dict(epoch=epoch, loss=_val_loss(method, model, loss_fn, val_set, collate, dev, amp)))
+                tracker.log_epoch({"loss": val_rows[-1]["loss"]}, step, prefix="val/")
                 log.info("epoch %d: train loss %.4f, val loss %.4f", epoch, value, val_rows[-1]["loss"])
                 net.train()
             if step % s.checkpoint_every == 0 or step == n_steps:
                 checkpoint()
             if stop_after_steps is not None and steps_this_run >= stop_after_steps:
                 bar.close()
+                tracker.close()
                 log.warning("stopping after %d steps (test hook) at step %d", steps_this_run, step)
                 return None
     bar.close()
+    tracker.close()
     if not info.is_main:
         return None
     path = method.export(model, out_dir, {"seed": seed, "steps": n_steps, "train_pairs": len(dataset)})

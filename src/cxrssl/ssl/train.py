@@ -14,8 +14,11 @@ other settings/data, or from a finished run (a deliberate rerun), is not resumed
 Outputs of :func:`pretrain` in ``out_dir``: ``backbone.pth`` (the library's state dict without
 the classifier, see :mod:`cxrssl.models.backbones`), ``backbone.json`` (its sidecar: method,
 arch, library, image and patch size, fingerprint), ``metrics.csv`` (step, epoch, loss, the
-method's learning-rate columns, images_per_s = source images per second over all ranks) and
-``loss.png``.
+method's learning-rate columns, images_per_s = source images per second over all ranks),
+``monitor.csv`` (the kNN monitor, :mod:`cxrssl.ssl.monitor`: epoch, step, knn_mean_auc,
+n_findings; only the header when ``monitor_every_epochs`` is 0) and ``loss.png`` (loss, schedule,
+monitor). The same per-step values and monitor AUCs are logged live through
+:mod:`cxrssl.tracking` (rank 0 only).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cxrssl import tracking
 from cxrssl.errors import BadInputError
 from cxrssl.io import atomic_savefig, atomic_write_csv
 from cxrssl.models.backbones import build_backbone, export_state_dict, write_sidecar
@@ -41,12 +45,14 @@ from cxrssl.runtime import (DistInfo, cleanup_distributed, compile_failure, comp
                             fingerprint, init_distributed, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                             sync_batchnorm)
 from cxrssl.ssl.data import NIHImages, PairSampler, open_cache
+from cxrssl.ssl.monitor import MONITOR_COLUMNS, KNNMonitor
 from cxrssl.ssl.registry import PretrainMethod, get_method
 from cxrssl.utils import progress_disabled, seed_everything
 
 log = logging.getLogger(__name__)
 
 BACKBONE_NAME, METRICS_NAME, PLOT_NAME, CHECKPOINT_NAME = "backbone.pth", "metrics.csv", "loss.png", "checkpoint.pth"
+MONITOR_NAME = "monitor.csv"
 #: Shared settings that change the trained weights (workers and checkpoint_every do not).
 COMMON_RESULT_KEYS = ("batch_size", "epochs", "warmup_epochs", "image_size", "amp")
 
@@ -88,14 +94,18 @@ def build_encoder(block: dict, image_size: int, imagenet_weights=None):
                           zero_init_residual=block["init"] == "random")
 
 
-def save_loss_plot(metrics: pd.DataFrame, path: str | Path, title: str = "Barlow Twins") -> None:
-    """Loss (log scale) and the schedule (learning rates; weight decay on a second axis) per step."""
+def save_loss_plot(metrics: pd.DataFrame, path: str | Path, title: str = "Barlow Twins",
+                   monitor: pd.DataFrame | None = None) -> None:
+    """Loss (log scale) and the schedule (learning rates; weight decay on a second axis) per step;
+    with ``monitor`` rows, a third panel: the kNN monitor's mean AUC at its steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    panels = 3 if monitor is not None and len(monitor) else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3 * panels), sharex=True)
+    ax1, ax2 = axes[0], axes[1]
     ax1.plot(metrics["step"], metrics["loss"], lw=0.8)
     if len(metrics) >= 20:
         window = max(5, len(metrics) // 50)
@@ -110,7 +120,11 @@ def save_loss_plot(metrics: pd.DataFrame, path: str | Path, title: str = "Barlow
     for col in (c for c in schedule if c.startswith("lr")):
         ax2.plot(metrics["step"], metrics[col], label=labels.get(col, col))
     ax2.set_ylabel("learning rate")
-    ax2.set_xlabel("step")
+    axes[-1].set_xlabel("step")
+    if panels == 3:
+        axes[2].plot(monitor["step"], monitor["knn_mean_auc"], marker="o")
+        axes[2].axhline(0.5, ls=":", color="grey", lw=1)
+        axes[2].set_ylabel("kNN monitor mean AUC")
     others = [c for c in schedule if not c.startswith("lr")]
     if others:
         twin = ax2.twinx()
@@ -177,7 +191,7 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
     optimizer = method.optimizer(model)
 
     run_id = run_fingerprint(name, s, seed, data_fingerprint(index, cache), imagenet_weights)
-    step, rows = 0, []
+    step, rows, monitor_rows = 0, [], []
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, "pretraining resume checkpoint")
         if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng", "metrics"} <= set(state):
@@ -191,6 +205,7 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step, rows = int(state["step"]), list(state["metrics"])
+            monitor_rows = list(state.get("monitor", []))
             set_rng_state(state["rng"])
             log.info("resumed from %s at step %d/%d (epoch %d)", ckpt_path, step, total_steps, step // per_epoch)
     log.info("%s on %s: %d train_val images, global batch %d on %d process(es) (%s), %d steps/epoch, %d steps",
@@ -201,7 +216,26 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                              "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
                              "scaler": None,  # bf16 autocast needs no gradient scaler
-                             "rng": rng_state(), "fingerprint": run_id, "metrics": rows}, ckpt_path)
+                             "rng": rng_state(), "fingerprint": run_id, "metrics": rows,
+                             "monitor": monitor_rows}, ckpt_path)
+
+    every = int(s.get("monitor_every_epochs", 0))
+    monitor = KNNMonitor(index, cache, n_images=s["monitor_images"], image_size=s["image_size"],
+                         k=s["monitor_k"], temperature=s["monitor_temperature"], seed=seed) \
+        if every > 0 and info.is_main else None
+    tracker = tracking.start(out_dir, f"pretrain/{name}", {"method": name, "seed": seed, "pretrain": s},
+                             enabled=info.is_main, resume=step > 0)
+
+    def run_monitor() -> None:
+        """After each ``every``-th epoch and the last one: kNN AUC of the backbone (rank 0)."""
+        if monitor is None or step % per_epoch or not (step // per_epoch % every == 0 or step == total_steps):
+            return
+        tick = time.perf_counter()
+        result = monitor(model.backbone, dev, channels_last, amp)
+        monitor_rows.append(dict(epoch=step // per_epoch, step=step, **result))
+        tracker.log_epoch({"knn_mean_auc": result["knn_mean_auc"]}, step, prefix="monitor/")
+        log.info("epoch %d: kNN monitor mean AUC %.4f over %d findings (%.1f s)", step // per_epoch,
+                 result["knn_mean_auc"], result["n_findings"], time.perf_counter() - tick)
 
     net = DistributedDataParallel(model, device_ids=[dev.index] if cuda else None) if info.distributed else model
     net.train()
@@ -245,8 +279,10 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
             now = time.perf_counter()
             rows.append(dict(step=step, epoch=epoch, loss=value, **lrs, images_per_s=global_batch / (now - tick)))
             tick = now
+            tracker.log_step({k: v for k, v in rows[-1].items() if k not in ("step", "epoch")}, step)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}", epoch=epoch)
+            run_monitor()
             if step % 50 == 0 or step == 1:
                 log.info("step %d/%d epoch %d loss %.5g %s img/s %.1f", step, total_steps, epoch, value,
                          " ".join(f"{k} {v:.4g}" for k, v in lrs.items()), rows[-1]["images_per_s"])
@@ -254,9 +290,11 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
                 checkpoint()
             if stop_after_steps is not None and steps_this_run >= stop_after_steps:
                 bar.close()
+                tracker.close()
                 log.warning("stopping after %d steps (test hook) at step %d", steps_this_run, step)
                 return None
     bar.close()
+    tracker.close()
 
     if not info.is_main:
         return None
@@ -266,6 +304,8 @@ def _pretrain(info: DistInfo, index: Path, cache: Path, out_dir: Path, s: dict, 
     write_sidecar(backbone_path, method.spec, method=name, image_size=s["image_size"], fingerprint=run_id)
     metrics = pd.DataFrame(rows, columns=metric_columns(method))
     atomic_write_csv(metrics, out_dir / METRICS_NAME)
-    save_loss_plot(metrics, out_dir / PLOT_NAME, method.title)
+    monitored = pd.DataFrame(monitor_rows, columns=MONITOR_COLUMNS)
+    atomic_write_csv(monitored, out_dir / MONITOR_NAME)
+    save_loss_plot(metrics, out_dir / PLOT_NAME, method.title, monitored)
     log.info("wrote %s (final loss %.5g)", backbone_path, metrics["loss"].iloc[-1])
     return backbone_path
