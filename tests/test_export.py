@@ -119,9 +119,14 @@ def test_compare_flags_a_moved_box_and_a_wrong_label():
     ref = {"boxes": np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32), "scores": np.array([0.9, 0.5]),
            "labels": np.array([1, 2])}
     assert compare(ref, ref)["labels_equal"] and compare(ref, ref)["boxes_px"] == 0
-    moved = dict(ref, boxes=ref["boxes"] + np.array([[0, 0, 0, 0], [1, 0, 0, 0]], np.float32))
+    moved = dict(ref, boxes=ref["boxes"] + np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32))
     assert compare(ref, moved)["boxes_px"] == pytest.approx(1.0)
-    relabelled = dict(ref, labels=np.array([1, 3]))
+    # the lowest-scoring box may differ (top-k cut-off of two runtimes), any other may not
+    assert compare(ref, dict(ref, boxes=ref["boxes"][:1], scores=ref["scores"][:1], labels=ref["labels"][:1]))[
+        "labels_equal"]
+    assert not compare(ref, dict(ref, boxes=ref["boxes"][1:], scores=ref["scores"][1:], labels=ref["labels"][1:]))[
+        "labels_equal"]
+    relabelled = dict(ref, labels=np.array([3, 2]))
     assert not compare(ref, relabelled)["labels_equal"]
 
 
@@ -168,7 +173,13 @@ def test_torch_hub_loads_every_entry_from_the_checkout(tmp_path):
     from cxrssl.models.backbones import BACKBONES
     from cxrssl.ssl.registry import methods
 
-    entries = set(torch.hub.list(str(REPO), source="local", trust_repo=True))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hubconf_under_test", REPO / "hubconf.py")
+    hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub)  # what torch.hub does with a local repo (torch.hub.list reads GitHub only)
+    entries = {name for name in dir(hub) if callable(getattr(hub, name)) and not name.startswith("_")}
+    assert {"torch", "torchvision", "timm"} == set(hub.dependencies)
     expected = {f"{name}_{arch}" for name, cls in methods().items() for arch, spec in BACKBONES.items()
                 if spec.family in cls.families}
     assert expected <= entries and "detector" in entries
