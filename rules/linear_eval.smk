@@ -35,7 +35,7 @@ rule linear_eval:
     conda:
         ENV
     shell:
-        "{PY} {SCRIPTS}/linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/linear_eval.py\" {params.args} --init {params.init:q} --init-name {wildcards.init}"
         " --fraction {wildcards.fraction} {params.arch} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} --threads {params.torch_threads} {params.imagenet}"
         " --log {log:q}"
@@ -66,7 +66,7 @@ rule summarize_linear_eval:
     conda:
         ENV
     shell:
-        "{PY} {SCRIPTS}/summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/summarize_linear_eval.py\" --metrics {input:q} --summary {output.summary:q}"
         " --plot {output.plot:q} --log {log:q}"
 
 
