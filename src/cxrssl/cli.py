@@ -14,7 +14,7 @@ Each verb is the same function the workflow runs, with its own ``--help``:
 
 from __future__ import annotations
 
-import runpy
+import importlib.util
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -69,15 +69,18 @@ def run_script(verb: str, argv: list[str]) -> int:
         print(f"cxrssl {verb}: runs {SCRIPT_VERBS[verb][0]} of a cxrssl source checkout, and {script} does not "
               f"exist (install cxrssl from its repository: pip install -e .)", file=sys.stderr)
         return 2
+    spec = importlib.util.spec_from_file_location(f"cxrssl_script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines main(); its `if __name__ == "__main__"` block does not run
     saved = sys.argv
-    sys.argv = [f"cxrssl {verb}", *argv]  # argparse's prog: what the user typed
+    sys.argv = [f"cxrssl {verb}", *argv]  # what the script's parser reads (prog: what the user typed)
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        code = module.main()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved
-    return 0
+    return int(code or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
