@@ -42,6 +42,7 @@ SCRIPT_VERBS: dict[str, tuple[str, str]] = {
     "summarize-detection": ("summarize_detection.py", "detection summary with CIs and paired differences"),
     "heatmaps": ("heatmaps.py", "Ablation-CAM / EigenCAM heatmaps and localisation scores"),
     "collect-metrics": ("collect_metrics.py", "results/metrics.json for DVC"),
+    "report-headline": ("report_headline.py", "the report's first page: headline tables with CIs"),
     "build-mmcv": ("build_mmcv.py", "build mmcv with compiled ops for the mmdet engine"),
 }
 
