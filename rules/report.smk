@@ -1,8 +1,9 @@
 # Stage: the report's first page. The headline tables (linear evaluation; detection with its
 # intervals and paired differences) as reStructuredText, which report/workflow.rst includes, so
-# `snakemake --report` opens on the results rather than on a description alone.
+# `snakemake --report` opens on the results rather than on a description alone. The file lives in
+# the evaluation folder (the DVC stage "detection" holds it beside the detection summary).
 
-REPORT_HEADLINE = f"{RESULTS}/report/headline.rst"
+REPORT_HEADLINE = f"{RESULTS}/evaluation/report_headline.rst"
 
 
 rule report_headline:
