@@ -40,8 +40,11 @@ WALK = r"""
       for (const path of paths) {
         const entry = results[path];
         const mime = getResultMimeType(path);
-        const item = {path: path, name: entry.name, mime: mime, listed: menu.includes(entry.name),
-                      rendered: null};
+        // the menu names a result by its labels where it has them, else by its file name
+        const labels = entry.labels ? Object.values(entry.labels).map(String) : [entry.name];
+        const item = {path: path, name: entry.name, mime: mime, labels: labels,
+                      listed: labels.every((label) => menu.includes(label)), rendered: null};
+        if (!item.listed) item.menu = menu.slice(0, 800);
         if (mime.startsWith("image/") || mime === "text/html") {
           viewer.handleSelectedResult(path);
           await sleep(200);

@@ -205,7 +205,7 @@ def test_report_in_the_browser(demo_copy, tmp_path):
         for subcategory, items in subcategories.items():
             assert items, (category, subcategory)
             for item in items:
-                assert item["listed"], f"{category}/{subcategory}: {item['name']} is not listed"
+                assert item["listed"], f"{category}/{subcategory}: {item['name']} is not listed:\n{item.get('menu')}"
                 if item["rendered"] is not None:
                     assert item["rendered"], f"{category}/{subcategory}: {item['name']} ({item['mime']}) did not render"
                     figures += item["mime"].startswith("image/")
