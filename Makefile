@@ -10,7 +10,7 @@ CORES ?= all
 MMCV_WHEEL ?= $(firstword $(wildcard ../shared/wheels/mmcv-2.1.0-cp311-*.whl))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-test install-mmdet mmcv report readme readme-check dag lint pull clean-results
+.PHONY: demo test install install-test install-mmdet mmcv report readme readme-check dag lint config-docs pull clean-results
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ pull: install
 
 lint: install
 	$(BIN)/snakemake --lint
+
+# config/README.md (every setting) from the config schema; tests/test_cli.py fails when it is stale.
+config-docs: install
+	$(BIN)/python -m cxrssl config-docs
 
 clean-results:
 	rm -rf results/* data/demo .snakemake

@@ -26,6 +26,7 @@ include: "rules/detection.smk"
 include: "rules/evaluation.smk"
 include: "rules/heatmaps.smk"
 include: "rules/headline.smk"
+include: "rules/report.smk"
 include: "rules/targets.smk"
 
 

@@ -36,7 +36,7 @@ rule parse_annotations:
         mem_mb=2000,
         runtime=15,
     shell:
-        "{PY} {SCRIPTS}/parse_annotations.py {params.args} {params.privacy} --on-bad-input {params.on_bad_input}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/parse_annotations.py\" {params.args} {params.privacy} --on-bad-input {params.on_bad_input}"
         " --annotations {output.annotations} --quarantine {output.quarantine} --log {log}"
 
 
@@ -59,7 +59,7 @@ rule split_vindr:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} {SCRIPTS}/split_vindr.py {params.args} --layout {params.layout} --seed {params.seed}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/split_vindr.py\" {params.args} --layout {params.layout} --seed {params.seed}"
         " --annotations {input.annotations} --metadata {input.metadata} --output {output} --log {log}"
 
 
@@ -105,7 +105,7 @@ rule fuse_boxes:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PY} {SCRIPTS}/fuse_boxes.py {params.args} --on-bad-input {params.on_bad_input}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/fuse_boxes.py\" {params.args} --on-bad-input {params.on_bad_input}"
         " --annotations {input.annotations} --metadata {input.metadata} --split {input.split}"
         " --fused {output.fused} --coco-train {output.coco_train} --coco-val {output.coco_val}"
         " --coco-test {output.coco_test} --quarantine {output.quarantine}"

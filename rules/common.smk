@@ -33,7 +33,7 @@ DETECTION_ENGINE_RULE = {
 def rule_python():
     """The interpreter rules run their scripts with: the environment the workflow runs in.
 
-    Snakemake's own rule (as for `script:`): the interpreter running Snakemake itself
+    What Snakemake itself does for `script:` directives: the interpreter running Snakemake itself
     (sys.executable: the Makefile's venv, or any environment where cxrssl is installed; SLURM
     jobs re-run Snakemake with that interpreter, so they get it too), or, with
     `--software-deployment-method conda` / `apptainer`, the `python` of the rule's activated
@@ -47,11 +47,13 @@ def rule_python():
     return shlex.quote(sys.executable)
 
 
-# Rules run `{PY} {SCRIPTS}/<name>.py ...`: absolute script paths work from any working
-# directory (`--directory`) and in cluster jobs (each job re-reads this file).
+# Rules run `"$CXRSSL_PY" "$CXRSSL_SCRIPTS/<name>.py" ...`: absolute script paths work from any
+# working directory (`--directory`) and in cluster jobs (each job re-reads this file). They reach
+# the shell as variables, not as `{PY}` in the command: machine paths are no rule parameter (a
+# moved checkout reruns nothing) and `snakemake --lint` stays clean.
 PY = rule_python()
 SCRIPTS = shlex.quote(str(Path(workflow.main_snakefile).parent / "scripts"))
-shell.prefix("set -euo pipefail; ")
+shell.prefix(f"set -euo pipefail; CXRSSL_PY={PY}; CXRSSL_SCRIPTS={SCRIPTS}; ")
 RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"

@@ -34,7 +34,7 @@ rule convert_dicom:
         mem_mb=lambda wildcards, threads: 1000 + threads * worker_mem_mb(config["vindr"]["convert"]["max_decoded_mb"]),
         runtime=lambda wildcards, threads: 10 + len(vindr_dicom_files()) // (100 * threads),
     shell:
-        "{PY} {SCRIPTS}/convert_dicom.py --dicom-dirs {params.dirs:q} --out-dir {params.images:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/convert_dicom.py\" --dicom-dirs {params.dirs:q} --out-dir {params.images:q}"
         " --metadata {output.metadata:q} --quarantine {output.quarantine:q} --workers {threads}"
         " --on-bad-input {params.on_bad_input} {params.args} {params.privacy} --log {log:q}"
 
@@ -62,7 +62,7 @@ rule index_nih:
         mem_mb=lambda wildcards, threads: 1000 + 200 * threads,
         runtime=lambda wildcards, threads: 10 + 112120 // (3000 * threads),
     shell:
-        "{PY} {SCRIPTS}/index_nih.py {params.args} --index {output.index:q} --cache {output.cache:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/index_nih.py\" {params.args} --index {output.index:q} --cache {output.cache:q}"
         " --quarantine {output.quarantine:q} --workers {threads} --on-bad-input {params.on_bad_input} --log {log:q}"
 
 

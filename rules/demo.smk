@@ -72,6 +72,6 @@ if DEMO["enabled"]:
         conda:
             ENV
         shell:
-            "{PY} {SCRIPTS}/make_demo_data.py {params.args} --seed {params.seed} --log {log}"
+            "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/make_demo_data.py\" {params.args} --seed {params.seed} --log {log}"
 
     FINAL_TARGETS.append(lambda: [DEMO_MANIFEST, f"{DEMO_ROOT}/preview.png"])

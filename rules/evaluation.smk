@@ -36,7 +36,7 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{PY} {SCRIPTS}/evaluate.py --gt {input.gt:q} --results {input.results:q} --out {output.metrics:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/evaluate.py\" --gt {input.gt:q} --results {input.results:q} --out {output.metrics:q}"
         " --seed {params.seed} {params.args} --log {log:q}"
 
 
@@ -64,7 +64,7 @@ rule summarize_detection:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{PY} {SCRIPTS}/summarize_detection.py {params.runs} --csv {output.csv:q} --differences {output.differences:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/summarize_detection.py\" {params.runs} --csv {output.csv:q} --differences {output.differences:q}"
         " --markdown {output.markdown:q} --plot {output.plot:q} --log {log:q}"
 
 
@@ -91,7 +91,7 @@ rule summarize_data:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} {SCRIPTS}/summarize_data.py --vindr-metadata {input.vindr_metadata:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/summarize_data.py\" --vindr-metadata {input.vindr_metadata:q}"
         " --vindr-split {input.vindr_split:q} --vindr-fused {input.vindr_fused:q} --nih-index {input.nih_index:q}"
         " --quarantine {input.quarantine:q} --html {output.html:q} --counts {output.counts:q}"
         " --quarantined {output.quarantined:q} --log {log:q}"

@@ -31,7 +31,7 @@ rule headline:
     conda:
         ENV
     shell:
-        "{PY} -m cxrssl.headline --pretrain {params.pretrain} --linear {input.linear:q}"
+        "\"$CXRSSL_PY\" -m cxrssl.headline --pretrain {params.pretrain} --linear {input.linear:q}"
         " --detection {input.detection:q} --detection-differences {input.differences:q}"
         " --part {params.parts} --out {output:q} > {log:q} 2>&1"
 

@@ -37,7 +37,7 @@ rule heatmaps:
         # Ablation-CAM: minutes per image on a CPU at paper resolution with the default ratio
         runtime=lambda wildcards: 10 + 10 * max(N_HEATMAPS, config["heatmaps"]["n_scored"]),
     shell:
-        "{PY} {SCRIPTS}/heatmaps.py run --engine {wildcards.engine} --checkpoint {input.checkpoint:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/heatmaps.py\" run --engine {wildcards.engine} --checkpoint {input.checkpoint:q}"
         " --coco {input.coco:q} --out-dir $(dirname {output.manifest:q}) --label {wildcards.init:q}"
         " --seed {params.seed} {params.args} --log {log:q}"
 
@@ -60,7 +60,7 @@ rule heatmap_panel:
         mem_mb=2000,
         runtime=5,
     shell:
-        "{PY} {SCRIPTS}/heatmaps.py panel {params.columns} --title {params.title:q} --out {output:q} --log {log:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/heatmaps.py\" panel {params.columns} --title {params.title:q} --out {output:q} --log {log:q}"
 
 
 FINAL_TARGETS.append(

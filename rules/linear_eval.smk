@@ -36,7 +36,7 @@ rule linear_eval:
     conda:
         ENV
     shell:
-        "{PY} {SCRIPTS}/linear_eval.py {params.args} --init {params.init:q} --init-name {wildcards.init}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/linear_eval.py\" {params.args} --init {params.init:q} --init-name {wildcards.init}"
         " --fraction {wildcards.fraction} {params.arch} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} --threads {params.torch_threads} {params.imagenet}"
         " {TRACKING_ARGS} --log {log:q}"
@@ -78,7 +78,7 @@ rule summarize_linear_eval:
     conda:
         ENV
     shell:
-        "{PY} {SCRIPTS}/summarize_linear_eval.py --metrics {input:q} --summary {output.summary:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/summarize_linear_eval.py\" --metrics {input:q} --summary {output.summary:q}"
         " --plot {output.plot:q} --differences {output.differences:q} --markdown {output.markdown:q}"
         " --bootstrap {params.bootstrap} --seed {params.seed} --baselines {params.baselines} --log {log:q}"
 

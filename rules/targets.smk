@@ -82,7 +82,7 @@ rule collect_metrics:
         mem_mb=500,
         runtime=5,
     shell:
-        "{PY} {SCRIPTS}/collect_metrics.py --detection {input.detection:q} --linear {input.linear:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/collect_metrics.py\" --detection {input.detection:q} --linear {input.linear:q}"
         " --output {output:q} --log {log:q}"
 
 

@@ -173,3 +173,44 @@ def test_report_has_every_section(demo_copy, tmp_path):
                    "map50_by_resolution.png", "panel_64px_seed0.png"):
         assert output in html, f"report lacks {output}"
     assert "Barlow Twins" in html  # captions are rendered
+
+
+def test_report_in_the_browser(demo_copy, tmp_path):
+    """results/report.html opened in headless Chromium as a reader meets it: the first page shows the
+    headline tables (every init of the linear evaluation and of detection, mAP50 with its CIs);
+    every category lists its results and shows every figure; the page logs no error."""
+    from browser import open_report
+
+    report = demo_copy / "results/report.html"
+    snakemake(demo_copy, "--report", str(report))
+    seen, errors = open_report(report)
+    assert errors == [], errors
+
+    first = seen["first_page"]
+    assert "Headline results" in first
+    linear = pd.read_csv(demo_copy / "results/linear_eval/summary.csv")
+    detection = pd.read_csv(demo_copy / "results/evaluation/summary.csv")
+    assert "Linear evaluation: mean test ROC AUC" in first and "50 % labels" in first
+    for _, row in linear.iterrows():
+        assert f"{row['test_mean_auc']:.3f}" in first, row.to_dict()
+    assert "95 % CI (BCa)" in first
+    for _, row in detection.iterrows():
+        assert f"{row['mAP50']:.3f}" in first and f"[{row['mAP50_bca_low']:.3f}, {row['mAP50_bca_high']:.3f}]" in first
+    assert "barlowtwins − random" in first or "barlowtwins − imagenet" in first  # the paired differences
+
+    categories = seen["categories"]
+    assert {"Data", "Pretraining", "Linear evaluation", "Detection", "Heatmaps"} <= set(categories), list(categories)
+    figures = 0
+    for category, subcategories in categories.items():
+        for subcategory, items in subcategories.items():
+            assert items, (category, subcategory)
+            for item in items:
+                assert item["listed"], f"{category}/{subcategory}: {item['name']} is not listed:\n{item.get('menu')}"
+                if item["rendered"] is not None:
+                    assert item["rendered"], f"{category}/{subcategory}: {item['name']} ({item['mime']}) did not render"
+                    figures += item["mime"].startswith("image/")
+        assert any(i["rendered"] for items in subcategories.values() for i in items), f"{category} shows nothing"
+    for name in ("loss.png", "auc_vs_fraction.png", "map50_by_resolution.png", "panel_64px_seed0.png"):
+        assert any(i["name"] == name and i["rendered"] for sub in categories.values() for items in sub.values()
+                   for i in items), f"{name} did not render"
+    assert figures >= 8
