@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import timm
 import torch
@@ -165,3 +167,47 @@ def test_mmdet_engine_refuses_a_vit_clearly(vit_init, tmp_path):
     with pytest.raises(ValueError, match="detection.arch is vit_small_patch16.*torchvision engine"):
         refuse_vit("random", "vit_small_patch16")
     refuse_vit("random", "resnet18")  # ResNets pass
+
+
+# --- heatmaps -------------------------------------------------------------------------------------
+
+def test_token_ablation_layer_ablates_channels_last():
+    from cxrssl.cam.ablation import TokenAblationLayer
+
+    layer = TokenAblationLayer()
+    tokens = torch.rand(1, 5, 4) + 1.0
+    layer.set_next_batch(0, tokens, 2)
+    layer.indices = [1, 3]
+    out = layer(None)
+    assert out.shape == (2, 5, 4)
+    assert (out[0, :, 1] < -1e6).all() and (out[1, :, 3] < -1e6).all()
+    torch.testing.assert_close(out[0, :, [0, 2, 3]], tokens[0, :, [0, 2, 3]])
+
+
+@pytest.fixture(scope="module")
+def vit_detector(vit_init):
+    torch.manual_seed(0)
+    return build_detector("vit_tiny_patch8", str(vit_init), res=RES, score_thr=0.0, rpn_proposals=20).eval()
+
+
+@pytest.mark.parametrize("target", ["backbone", "backbone.body", "backbone.body.vit.blocks.3"])
+def test_heatmaps_of_a_vit_detector_at_each_target(vit_detector, target):
+    from cxrssl.cam import compute_cam
+
+    image = torch.rand(3, 48, 64)  # not square: padded inside the model
+    result = compute_cam(vit_detector, image, ratio=0.05, batch_size=16, score_thr=0.5, top_k=2,
+                         target_layer=target, min_grid=4)
+    assert result.method == "ablation" and result.cam.shape == (48, 64)
+    assert 0.0 <= result.cam.min() and result.cam.max() <= 1.0 and result.cam.max() > 0
+    width = 256 * 5 if target == "backbone" else 192
+    assert result.n_channels_ablated == -(-width * 5 // 100)
+
+
+def test_token_target_equals_the_map_target_it_is_reshaped_to(vit_detector):
+    from cxrssl.cam import compute_cam
+
+    image = torch.rand(3, 64, 64)
+    kwargs = dict(ratio=0.1, batch_size=32, score_thr=0.5, top_k=2)
+    tokens = compute_cam(vit_detector, image, target_layer="backbone.body.vit.norm", **kwargs)
+    fmap = compute_cam(vit_detector, image, target_layer="backbone.body", **kwargs)
+    np.testing.assert_allclose(tokens.cam, fmap.cam, atol=1e-4)
