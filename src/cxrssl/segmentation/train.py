@@ -137,6 +137,9 @@ def train_segmentation(frame: pd.DataFrame, out_dir: str | Path, *, init: str, i
         if part.empty:
             raise ValueError(f"segmentation: the {name} split is empty")
     size = int(s["image_size"])
+    if size % 32 or int(s["width"]) % 8:
+        raise ValueError(f"segmentation.image_size ({size}) must be a multiple of 32 and segmentation.width "
+                         f"({s['width']}) a multiple of 8")
     model, arch = build_segmenter(s["arch"], init, size, int(s["width"]), imagenet_weights)
     train_x, train_y = load_split(parts["train"], size)
     val_x, val_y = load_split(parts["val"], size)
