@@ -211,3 +211,26 @@ def test_token_target_equals_the_map_target_it_is_reshaped_to(vit_detector):
     tokens = compute_cam(vit_detector, image, target_layer="backbone.body.vit.norm", **kwargs)
     fmap = compute_cam(vit_detector, image, target_layer="backbone.body", **kwargs)
     np.testing.assert_allclose(tokens.cam, fmap.cam, atol=1e-4)
+
+
+def test_token_reshape_serves_grad_cam_on_a_plain_vit_encoder_with_registers():
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cxrssl.cam.heatmaps import token_reshape_for
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64, reg_tokens=4, num_classes=3,
+                            dynamic_img_size=True).eval()
+    assert vit.num_prefix_tokens == 5
+    layer = vit.blocks[-1].norm1
+    reshape = token_reshape_for(vit, layer, 48, 80)  # a 3 x 5 grid, CLS and 4 registers dropped
+    assert (reshape.num_prefix_tokens, reshape.grid) == (5, (3, 5))
+    cam = GradCAM(model=vit, target_layers=[layer], reshape_transform=reshape)
+    try:
+        heat = cam(torch.rand(1, 3, 48, 80), targets=[ClassifierOutputTarget(1)])
+    finally:
+        cam.activations_and_grads.release()
+    assert heat.shape == (1, 48, 80) and np.isfinite(heat).all()
+    with pytest.raises(ValueError, match="in no ViT"):
+        token_reshape_for(vit, torch.nn.Linear(2, 2), 48, 80)
