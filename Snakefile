@@ -27,6 +27,7 @@ include: "rules/evaluation.smk"
 include: "rules/heatmaps.smk"
 include: "rules/headline.smk"
 include: "rules/report.smk"
+include: "rules/segmentation.smk"
 include: "rules/targets.smk"
 
 

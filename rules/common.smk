@@ -160,7 +160,7 @@ def init_checkpoint(init, allow_arch=False):
         return init
     if init_arch(init):
         if not allow_arch:
-            raise WorkflowError(f"init {init!r} (another arch) is only available in linear_eval.inits")
+            raise WorkflowError(f"init {init!r} (another arch) is only available in linear_eval.inits and detection.inits")
         archs = section_schema("linear_eval")["properties"]["arch"]["enum"]
         if init_arch(init) not in archs:
             raise WorkflowError(f"init {init!r}: unknown arch {init_arch(init)!r}; registered: {', '.join(archs)}")

@@ -37,8 +37,9 @@ rule train_detector:
     params:
         torch_threads=TORCH_THREADS,  # part of the result on CPU (see the schema)
         args=cli("detection", exclude=RUN_SETTINGS),
-        init=lambda wildcards: init_checkpoint(wildcards.init),
-        imagenet=imagenet_flag(),
+        init=lambda wildcards: init_checkpoint(wildcards.init, allow_arch=True),
+        arch=lambda wildcards: f"--arch {init_arch(wildcards.init)}" if init_arch(wildcards.init) else "",
+        imagenet=lambda wildcards: imagenet_flag(init_arch(wildcards.init)),
         out_dir=lambda wildcards, output: str(Path(output.best).parent),
         launcher=detection_launcher,
     threads: TORCH_THREADS + config["detection"]["workers"]  # torch threads + loader workers
@@ -52,7 +53,7 @@ rule train_detector:
         "{params.launcher} \"$CXRSSL_SCRIPTS/train_detector.py\" --engine {wildcards.engine} --init {params.init:q}"
         " --init-name {wildcards.init} --res {wildcards.res} --seed {wildcards.seed} --threads {params.torch_threads}"
         " --train-json {input.train:q} --val-json {input.val:q} --test-json {input.test:q} --out-dir {params.out_dir:q}"
-        " {params.imagenet} {params.args} {TRACKING_ARGS} --log-file {log:q}"  # not --log: torchrun's parser takes it
+        " {params.imagenet} {params.args} {params.arch} {TRACKING_ARGS} --log-file {log:q}"  # not --log: torchrun's parser takes it
 
 
 FINAL_TARGETS.append(

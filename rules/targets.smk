@@ -15,6 +15,7 @@ STAGE_DIRS = {
     "linear_eval": [f"{RESULTS}/linear_eval"],
     "detection": [f"{RESULTS}/detection", f"{RESULTS}/evaluation"],
     "heatmaps": [f"{RESULTS}/heatmaps"],
+    "segmentation": [SEG_DIR],  # issue 12
 }
 DETECTION_CHECKPOINTS = [expand(f"{DET_RUN}/best.pth", **run)[0] for run in detection_runs()]
 DETECTION_METRICS = [expand(f"{EVAL_RUN}/metrics.json", **run)[0] for run in detection_runs()]
@@ -27,6 +28,7 @@ localrules:
     stage_linear_eval,
     stage_detection,
     stage_heatmaps,
+    stage_segmentation,
 
 
 rule stage_demo:
@@ -65,6 +67,11 @@ rule stage_detection:
 rule stage_heatmaps:
     input:
         lambda wildcards: paths_under(all_targets(), STAGE_DIRS["heatmaps"]),
+
+
+rule stage_segmentation:
+    input:
+        lambda wildcards: paths_under(all_targets(), STAGE_DIRS["segmentation"], first=[SEG_SUMMARY]),
 
 
 rule collect_metrics:

@@ -37,6 +37,11 @@ TINY_CONFIG = {
                   "rpn_proposals": 100, "rois_per_image": 64},
     "evaluation": {"bootstrap": 20},
     "heatmaps": {"method": "eigen", "n_images": 1},
+    # segmentation (issue 12): the demo's lung masks, a ResNet and a ViT init
+    "segmentation": {"sources": ["montgomery=data/demo/lungs/MontgomerySet",
+                                 "shenzhen=data/demo/lungs/ChinaSet_AllFiles"],
+                     "inits": ["random", "gmml"], "arch": "resnet18", "image_size": 32, "width": 16,
+                     "epochs": 1, "batch_size": 8, "lr": 0.001, "n_bootstrap": 20},
 }
 
 

@@ -159,6 +159,9 @@ def test_hostile_values_are_reported_with_their_key(bad, key):
         ({"pretrain": {"vicreg": {"arch": "resnet18"}}, "detection": {"inits": ["random", "vicreg"]}},
          ["pretrain.vicreg.arch", "detection.arch"]),
         ({"privacy": {"pseudonymize_ids": True, "private_dir": "results/private"}}, ["privacy.private_dir", "results_dir"]),
+        ({"pretrain": {"gmml": {"arch": "vit_tiny_patch8"}}, "detection": {"inits": ["random", "gmml"],
+                                                                        "engines": ["mmdet"]}},
+         ["pretrain.gmml.arch", "detection.engine", "mmdet"]),
     ],
 )
 def test_settings_that_must_agree_are_cross_checked(bad, keys):
@@ -172,6 +175,8 @@ def test_cross_checks_pass_when_the_settings_agree():
     validate_config({"pretrain": {"barlowtwins": {"arch": "resnet18"}}, "detection": {"arch": "resnet18"}})
     validate_config({"pretrain": {"barlowtwins": {"arch": "resnet18"}}, "detection": {"inits": ["random", "imagenet"]}})
     validate_config({"pretrain": {"gmml": {"arch": "vit_tiny_patch8"}}})  # not a detection init
+    # a ViT method is detected through ViTDet on its own arch (torchvision engine)
+    validate_config({"pretrain": {"gmml": {"arch": "vit_tiny_patch8"}}, "detection": {"inits": ["random", "gmml"]}})
     validate_config({"privacy": {"pseudonymize_ids": True, "private_dir": "private"}})
 
 

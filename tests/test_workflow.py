@@ -52,6 +52,8 @@ def test_whole_dag_produces_every_stage(demo_run):
     assert len(det) == 2
     metrics = json.loads(next((results / "evaluation/torchvision").glob("*/metrics.json")).read_text())
     assert 0.0 <= metrics["mAP50"] <= 1.0
+    seg = pd.read_csv(results / "segmentation/summary.csv")  # issue 12: a ResNet and the gmml ViT
+    assert seg["init"].tolist() == ["random", "gmml"] and seg["arch"].tolist() == ["resnet18", "vit_tiny_patch8"]
 
 
 def test_a_complete_run_leaves_nothing_to_do(demo_run):
@@ -73,6 +75,7 @@ def test_changing_one_methods_block_reruns_only_that_method(demo_run, tiny_confi
     jobs = scheduled(snakemake(demo_run, "-n", configfile=write_config(tmp_path / "c.yaml", dict(tiny_config, pretrain=pre))))
     assert jobs.get("pretrain") == 1 and jobs.get("linear_eval") == 2  # gmml, and its arm at both fractions
     assert "train_detector_torchvision" not in jobs  # detection compares random and barlowtwins only
+    assert jobs.get("segment") == 1  # segmentation's gmml arm (issue 12)
 
 
 def test_changing_the_wbf_threshold_reruns_fusion_and_downstream_only(demo_run, tiny_config, tmp_path):
@@ -167,10 +170,10 @@ def test_report_has_every_section(demo_copy, tmp_path):
     report = tmp_path / "report.html"
     snakemake(demo_copy, "--report", str(report))
     html = report.read_text(errors="replace")
-    for category in ("Data", "Pretraining", "Linear evaluation", "Detection", "Heatmaps"):
+    for category in ("Data", "Pretraining", "Linear evaluation", "Detection", "Heatmaps", "Segmentation"):
         assert f'"{category}"' in html, f"report lacks the {category!r} section"
     for output in ("data_summary.html", "loss.png", "auc_vs_fraction.png", "summary.csv",
-                   "map50_by_resolution.png", "panel_64px_seed0.png"):
+                   "map50_by_resolution.png", "panel_64px_seed0.png", "dice_by_init.png"):
         assert output in html, f"report lacks {output}"
     assert "Barlow Twins" in html  # captions are rendered
 

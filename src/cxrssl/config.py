@@ -99,12 +99,24 @@ def _resolutions_fit_the_conversion(config: dict) -> list[str]:
 
 
 def _pretrained_arch_matches_detection(config: dict) -> list[str]:
-    detection_arch = config["detection"]["arch"]
+    """A ResNet method's backbone must be detection.arch (the inits are compared on one arch, and
+    mmdet builds detection.arch); a ViT method's is built from its backbone.json by the torchvision
+    engine (ViTDet, issue 12): then mmdet must not be among the engines."""
+    detection = config["detection"]
+    detection_arch = detection["arch"]
+    engines = {detection["engine"], *detection.get("engines", [])}
     messages = []
     for method in pretraining_methods():
-        if method not in config["detection"]["inits"]:
+        if method not in detection["inits"]:
             continue
         key, arch = pretrained_arch(config, method)
+        if arch.startswith("vit"):
+            if "mmdet" in engines:
+                messages.append(f"{key} ({arch}) is a ViT and detection.inits uses the {method} backbone, but "
+                                "detection.engine / detection.engines include mmdet, which builds ResNets only "
+                                "(detection.arch): detect ViTs with the torchvision engine or drop "
+                                f"{method} from detection.inits")
+            continue
         if arch != detection_arch:
             messages.append(f"{key} ({arch}) differs from detection.arch ({detection_arch}), but detection.inits uses "
                             f"the {method} backbone: set both to the same architecture or drop {method} from "

@@ -28,7 +28,10 @@ crop it to the image, given the model's ``input_geometry`` (resized and padded s
 
 It is engine-agnostic: the target layer is any module path; an FPN target may return an
 OrderedDict of feature maps with any keys and channel counts (torchvision's "0".."3","pool" or an
-mmdet wrapper's levels), a plain layer a tensor. The model takes a batch of (3, H, W) images and
+mmdet wrapper's levels), a plain layer a tensor. ViT layers that return tokens ``(B, N, C)`` (a
+block, the final norm) are reshaped to ``(B, C, H, W)`` on the patch grid without the CLS and
+register tokens (:class:`cxrssl.detection.vitdet.TokenReshape`) and ablated channel-last
+(:class:`TokenAblationLayer`); a ViTDet detector's ``backbone.body`` already returns that map. The model takes a batch of (3, H, W) images and
 returns one ``{"boxes", "labels", "scores"}`` dict per image, as torchvision detectors do.
 """
 
@@ -107,6 +110,25 @@ class TopChannelAblationLayer(AblationLayer):
         return output
 
 
+class TokenAblationLayer(TopChannelAblationLayer):
+    """Ablates channels of a ViT token output ``(B, N, C)`` (channels last; every token, the CLS and
+    register tokens included, as the library's ``AblationLayerVit``), chosen by :func:`top_channels`
+    on the reshaped ``(C, H, W)`` map."""
+
+    def set_next_batch(self, input_batch_index, activations, num_channels_to_ablate):
+        self.activations = activations[input_batch_index: input_batch_index + 1].clone().repeat(
+            num_channels_to_ablate, 1, 1)
+
+    def __call__(self, x):
+        output = self.activations
+        rows = torch.arange(output.size(0), device=output.device)
+        channels = torch.as_tensor(np.asarray(self.indices[: output.size(0)]), device=output.device)
+        minimum = torch.min(output)
+        value = 0.0 if minimum == 0 else float(minimum) - 1e7
+        output[rows, :, channels] = value
+        return output
+
+
 class FPNAblationLayer(TopChannelAblationLayer):
     """Ablates one channel of one FPN level per copy; channel ``i`` of the reshaped activations is
     level ``l``'s channel ``i - offset[l]`` (levels in the dict's order, any names and widths)."""
@@ -163,7 +185,14 @@ class FastAblationCAM(PaddingAwareCAM, AblationCAM):
     def __init__(self, model, target_layers, reshape_transform=None, ablation_layer=None,
                  batch_size: int = 32, ratio_channels_to_ablate: float = 0.1):
         if ablation_layer is None:
-            ablation_layer = FPNAblationLayer() if isinstance(reshape_transform, FPNReshape) else TopChannelAblationLayer()
+            from cxrssl.detection.vitdet import TokenReshape
+
+            if isinstance(reshape_transform, FPNReshape):
+                ablation_layer = FPNAblationLayer()
+            elif isinstance(reshape_transform, TokenReshape):
+                ablation_layer = TokenAblationLayer()
+            else:
+                ablation_layer = TopChannelAblationLayer()
         super().__init__(model, target_layers, reshape_transform=reshape_transform, ablation_layer=ablation_layer,
                          batch_size=batch_size, ratio_channels_to_ablate=ratio_channels_to_ablate)
         # Keep the raw target output of the first forward pass: the ablations start from it. (While

@@ -102,12 +102,35 @@ def explained_predictions(output: Mapping[str, torch.Tensor], score_thr: float, 
     return boxes[keep], labels[keep], scores[keep]
 
 
+def vit_of(model: nn.Module, layer: nn.Module) -> nn.Module | None:
+    """The timm ViT of ``model`` that holds ``layer`` (None when the layer is in none)."""
+    for module in model.modules():
+        if hasattr(module, "num_prefix_tokens") and hasattr(module, "patch_embed"):
+            if any(sub is layer for sub in module.modules()):
+                return module
+    return None
+
+
+def token_reshape_for(model: nn.Module, layer: nn.Module, height: int, width: int):
+    """The :class:`~cxrssl.detection.vitdet.TokenReshape` of a ViT token layer for a ``height`` x
+    ``width`` input of the ViT (a detector's padded canvas): its patch grid, prefix tokens dropped."""
+    from cxrssl.detection.vitdet import TokenReshape
+
+    vit = vit_of(model, layer)
+    if vit is None:
+        raise ValueError("the target layer returns tokens (B, N, C) but is in no ViT of the model")
+    patch = vit.patch_embed.patch_size
+    return TokenReshape(vit.num_prefix_tokens, (int(height) // patch[0], int(width) // patch[1]))
+
+
 def _predict(model: nn.Module, batch: torch.Tensor, layer: nn.Module):
-    """Predictions for one image and whether the target layer returns a mapping (FPN levels)."""
+    """Predictions for one image and whether the target layer returns a mapping (FPN levels), a map
+    or ViT tokens (``"mapping"``, ``"map"``, ``"tokens"``)."""
     seen = {}
 
     def hook(_module, _inputs, output):
-        seen["mapping"] = isinstance(output, Mapping)
+        seen["mapping"] = ("mapping" if isinstance(output, Mapping)
+                           else "tokens" if torch.is_tensor(output) and output.dim() == 3 else "map")
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -137,14 +160,18 @@ def compute_cam(model: nn.Module, image: torch.Tensor, method: str = "ablation",
     layer = resolve_layer(model, target_layer)
     batch = image.unsqueeze(0).to(device)
     start = time.perf_counter()
-    output, is_mapping = _predict(model, batch, layer)
+    output, kind = _predict(model, batch, layer)
     boxes, labels, scores = explained_predictions(output, score_thr, top_k)
-    reshape = FPNReshape(min_grid) if is_mapping else None
+    geometry = geometry_of(model, *image.shape[-2:])
+    reshape = None
+    if kind == "mapping":
+        reshape = FPNReshape(min_grid)
+    elif kind == "tokens":  # the ViT sees the padded canvas
+        reshape = token_reshape_for(model, layer, *(geometry[2:] if geometry else image.shape[-2:]))
     target = FasterRCNNBoxScoreTarget(labels=list(labels), bounding_boxes=boxes)
     note, used, n_ablated = "", method, 0
     if method == "ablation" and len(boxes) == 0:
         note, used = "no prediction to explain: EigenCAM instead", "eigen"
-    geometry = geometry_of(model, *image.shape[-2:])
     with torch.inference_mode():
         if used == "ablation":
             cam_obj = FastAblationCAM(model, [layer], reshape_transform=reshape, batch_size=batch_size,

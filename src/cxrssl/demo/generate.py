@@ -12,6 +12,7 @@ import pandas as pd
 import pydicom
 from PIL import Image, ImageDraw
 
+from cxrssl.demo import lungs as demo_lungs
 from cxrssl.demo import reports as demo_reports
 from cxrssl.demo.nih import make_nih
 from cxrssl.demo.vindr import make_vindr
@@ -29,8 +30,10 @@ _GENERATED = (
     ("reports", re.compile(r"iu_xray/(ecgen-radiology/\d+\.xml|NLMCXR_png/CXR\d+_IM-\d{4}-\d{4}\.png)"
                            r"|mimic_cxr/files/p\d\d/p\d{8}/s\d{8}(\.txt|/[0-9a-f-]{44}\.jpg)"
                            r"|localization/images/\d{8}_\d{3}\.png")),
+    ("lungs", re.compile(demo_lungs.GENERATED)),
 )
 REPORTS = "reports"  # reports of the NIH-like images and localisation box files (cxrssl.demo.reports)
+LUNGS = "lungs"  # lung masks of NIH-like images, Montgomery and Shenzhen layouts (cxrssl.demo.lungs)
 
 
 def make_demo_dataset(root: str | Path, *, n_nih: int = 240, n_nih_patients: int = 80, n_vindr_train: int = 120,
@@ -55,9 +58,10 @@ def make_demo_dataset(root: str | Path, *, n_nih: int = 240, n_nih_patients: int
     nih, nih_files = make_nih(root / "nih", n_images=n_nih, n_patients=n_nih_patients, image_size=image_size,
                               seed=seed, on_image=records.append)
     reports, report_files = demo_reports.make_reports(root / REPORTS, records, seed=seed)
+    lungs, lung_files = demo_lungs.make_lung_masks(root / LUNGS, records)
     vindr, vindr_files = make_vindr(root / "vindr", n_train=n_vindr_train, n_test=n_vindr_test, image_size=image_size,
                        seed=seed)
-    removed = _remove_stale(root, nih_files + vindr_files + report_files)
+    removed = _remove_stale(root, nih_files + vindr_files + report_files + lung_files)
     write_preview(root, root / "preview.png")
     summary = {
         "format_version": FORMAT_VERSION,
@@ -67,6 +71,7 @@ def make_demo_dataset(root: str | Path, *, n_nih: int = 240, n_nih_patients: int
         "nih": nih,
         "vindr": vindr,
         "reports": reports,
+        "lungs": lungs,
         "files": sorted(str(p.relative_to(root)) for p in _key_files(root)),
     }
     atomic_write_json(summary, root / MANIFEST)

@@ -198,6 +198,19 @@ def backbone_key_mismatch(state: Mapping[str, torch.Tensor], arch: str) -> tuple
     return missing, unexpected, shapes
 
 
+def refuse_vit(init: str, arch: str) -> None:
+    """The mmdet engine is ResNet-only: a ViT ``detection.arch`` or a ViT init (its backbone.json)
+    is refused before anything is built, saying where ViTs are detected instead."""
+    from cxrssl.detection.model import is_vit, resolve_arch
+
+    built = resolve_arch(arch, init)
+    if is_vit(built):
+        source = f"init {init} is a {built} backbone (its backbone.json)" if built != arch else f"detection.arch is {arch}"
+        raise ValueError(f"the mmdet engine builds ResNets only, but {source}: ViT backbones are detected "
+                         "by the torchvision engine (ViTDet's simple feature pyramid): set detection.engine "
+                         "torchvision or leave ViT inits out of the mmdet runs")
+
+
 def prepare_backbone_checkpoint(init: str, arch: str, work_dir: str | Path,
                                 imagenet_weights: str | Path | None = None) -> str | None:
     """The checkpoint path for mmdet's ``init_cfg`` (None for ``random``), checked key by key.
@@ -205,6 +218,7 @@ def prepare_backbone_checkpoint(init: str, arch: str, work_dir: str | Path,
     A plain torchvision-format state dict without ``fc`` (Barlow Twins' export) is used unchanged;
     anything else (ImageNet weights, wrapped checkpoints) is written as one under ``work_dir``.
     """
+    refuse_vit(init, arch)
     if init == "random":
         return None
     work_dir = Path(work_dir)
@@ -391,8 +405,9 @@ def train(train_json: str | Path, val_json: str | Path, test_json: str | Path, o
     log.info("COCO JSONs: %s", ", ".join(f"{s} {len(c['images'])} images / {len(c['annotations'])} boxes"
                                          for s, c in coco.items()))
 
-    check_cuda_ops()
     arch = params["arch"]
+    refuse_vit(init, arch)
+    check_cuda_ops()
     checkpoint = prepare_backbone_checkpoint(init, arch, work_dir, imagenet_weights)
     prefix = work_dir / "test_predictions"
     cfg = Config(build_config(params, train_json=jsons["train"], val_json=jsons["val"], test_json=jsons["test"],

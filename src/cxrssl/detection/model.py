@@ -1,6 +1,8 @@
 """Faster R-CNN + FPN on a cxrssl ResNet, configured like the paper's mmdetection R50-FPN.
 
-* Backbone from :func:`cxrssl.models.backbone.build_resnet` only (random, ImageNet or a checkpoint).
+* Backbone from :func:`cxrssl.models.backbone.build_resnet` (random, ImageNet or a checkpoint), or a
+  registered ViT under ViTDet's simple feature pyramid (:mod:`cxrssl.detection.vitdet`) feeding
+  the same heads; an init's ``backbone.json`` sidecar decides which (:func:`resolve_arch`).
 * ``frozen_stages`` follows mmdet: -1 nothing frozen, 0 the stem, 1 stem + ``layer1`` (paper), ...
   Frozen stages get no gradient and FrozenBatchNorm2d, so their statistics never move either.
 * ``norm_eval`` (pretrained inits) is mmdet's: the BatchNorms of the stages that train stay in eval
@@ -53,8 +55,11 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = len(VINDR_CLASSES) + 1
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-#: ``frozen_bn`` is what format-1 checkpoints of norm_eval runs hold (torchvision's FrozenBatchNorm2d).
-NORMS = ("eval_bn", "batchnorm", "groupnorm", "frozen_bn")
+#: ``frozen_bn`` is what format-1 checkpoints of norm_eval runs hold (torchvision's FrozenBatchNorm2d);
+#: ``layernorm`` marks a ViT backbone (its own LayerNorms and the pyramid's, nothing frozen).
+NORMS = ("eval_bn", "batchnorm", "groupnorm", "frozen_bn", "layernorm")
+#: ViT detectors: the image size the ViT is built at when its init says none (random).
+VIT_DEFAULT_IMAGE_SIZE = 224
 #: ResNet modules of each mmdet stage: stage 0 is the stem, stage k is layer k.
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 GROUPNORM_GROUPS = 32
@@ -73,8 +78,41 @@ def trainable_layers_for(frozen_stages: int) -> int:
     return 5 if frozen_stages < 0 else 4 - frozen_stages
 
 
-def norm_kind(init: str, norm_eval: bool, random_init_norm: str) -> str:
+def is_vit(arch: str) -> bool:
+    """Whether ``arch`` is a registered ViT (a ViTDet detector) rather than a ResNet."""
+    from cxrssl.models.backbones import get_spec
+
+    return get_spec(arch).family == "vit"
+
+
+def resolve_arch(arch: str, init: str) -> str:
+    """The backbone a detector with ``init`` builds: the arch of the init's ``backbone.json``
+    sidecar when it has one (a pretraining export), else ``arch`` (``detection.arch``)."""
+    from cxrssl.models.backbones import checkpoint_arch
+
+    built = checkpoint_arch(str(init), arch)
+    if built != arch:
+        log.info("init %s is a %s backbone (its backbone.json): building that, not detection.arch %s",
+                 init, built, arch)
+    return built
+
+
+def vit_image_size(arch: str, init: str) -> int:
+    """The image size a ViT detector's encoder is built at: its pretraining's (the sidecar's
+    ``image_size``, so the stored position embedding loads as is), else the default."""
+    from cxrssl.models.backbones import read_sidecar
+
+    if init not in ("random", "imagenet"):
+        meta = read_sidecar(init)
+        if meta is not None:
+            return int(meta["image_size"])
+    return VIT_DEFAULT_IMAGE_SIZE
+
+
+def norm_kind(init: str, norm_eval: bool, random_init_norm: str, arch: str | None = None) -> str:
     """Which normalisation the backbone gets for an init (see the module docstring)."""
+    if arch is not None and is_vit(arch):
+        return "layernorm"
     if init == "random":
         if random_init_norm not in ("batchnorm", "groupnorm"):
             raise ValueError(f"random_init_norm must be batchnorm or groupnorm, got {random_init_norm!r}")
@@ -160,9 +198,12 @@ def set_precision(model: nn.Module, autocast_device: str | None) -> None:
 
     Any device type autocast supports works (the tests use ``"cpu"``); the heads stay fp32.
     """
+    from cxrssl.detection.vitdet import ViTDetBackbone
+
     backbone = model.backbone
-    if not isinstance(backbone, MixedPrecisionFPN):
-        raise TypeError(f"the detector's backbone is a {type(backbone).__name__}, not a MixedPrecisionFPN")
+    if not isinstance(backbone, (MixedPrecisionFPN, ViTDetBackbone)):
+        raise TypeError(f"the detector's backbone is a {type(backbone).__name__}, not a MixedPrecisionFPN "
+                        "or ViTDetBackbone")
     backbone.autocast_device = autocast_device
 
 
@@ -244,13 +285,26 @@ def _fpn_backbone(resnet: nn.Module, trainable_layers: int) -> MixedPrecisionFPN
                              [width * 2 ** i for i in range(4)], 256, extra_blocks=LastLevelMaxPool())
 
 
+def _vitdet_backbone(arch: str, init: str, imagenet_weights: str | Path | None, image_size: int) -> nn.Module:
+    """A registered ViT from ``init`` (built at ``image_size``) under ViTDet's simple feature pyramid."""
+    from cxrssl.detection.vitdet import ViTDetBackbone
+    from cxrssl.models.backbones import build_backbone
+
+    return ViTDetBackbone(build_backbone(arch, init, imagenet_weights=imagenet_weights, image_size=image_size))
+
+
 def _build(arch: str, norm: str, frozen_stages: int, res: int, num_classes: int, score_thr: float,
            rpn_proposals: int = 1000, rois_per_image: int = 512, backbone_init: str = "random",
-           imagenet_weights: str | Path | None = None) -> Detector:
-    resnet = build_resnet(arch, backbone_init, imagenet_weights=imagenet_weights, norm_layer=_norm_layer(norm))
-    # mmdet puts frozen stages in eval mode; FrozenBatchNorm2d does the same once and for all.
-    _freeze_batchnorm(resnet, {name for stage in _STAGES[: frozen_stages + 1] for name in stage})
-    backbone = _fpn_backbone(resnet, trainable_layers_for(frozen_stages))
+           imagenet_weights: str | Path | None = None, vit_image_size: int = VIT_DEFAULT_IMAGE_SIZE) -> Detector:
+    if is_vit(arch):
+        if norm != "layernorm":
+            raise ValueError(f"a {arch} detector has norm layernorm, not {norm!r}")
+        backbone = _vitdet_backbone(arch, backbone_init, imagenet_weights, vit_image_size)
+    else:
+        resnet = build_resnet(arch, backbone_init, imagenet_weights=imagenet_weights, norm_layer=_norm_layer(norm))
+        # mmdet puts frozen stages in eval mode; FrozenBatchNorm2d does the same once and for all.
+        _freeze_batchnorm(resnet, {name for stage in _STAGES[: frozen_stages + 1] for name in stage})
+        backbone = _fpn_backbone(resnet, trainable_layers_for(frozen_stages))
     model = Detector(
         backbone,
         num_classes=num_classes,
@@ -281,16 +335,21 @@ def build_detector(arch: str, init: str, num_classes: int = NUM_CLASSES, res: in
                    norm_eval: bool = True, random_init_norm: str = "batchnorm",
                    imagenet_weights: str | Path | None = None, score_thr: float = 0.001,
                    rpn_proposals: int = 1000, rois_per_image: int = 512) -> Detector:
-    """Faster R-CNN + FPN whose ResNet starts from ``init`` (random, imagenet or a checkpoint path).
+    """Faster R-CNN + FPN whose backbone starts from ``init`` (random, imagenet or a checkpoint path).
 
+    The backbone is the init's (its ``backbone.json`` sidecar, :func:`resolve_arch`), else ``arch``.
+    A ViT gets ViTDet's simple feature pyramid (:mod:`cxrssl.detection.vitdet`) under the same heads;
+    ``frozen_stages`` and ``norm_eval`` are ResNet settings (a ViT trains whole, its LayerNorms too).
     The random-init arm ignores ``frozen_stages`` and ``norm_eval`` (nothing to preserve).
     ``score_thr`` is the lowest score the model returns; ``rpn_proposals`` is the number of RPN
     proposals per image (train and test), ``rois_per_image`` only matters in training.
     """
+    arch = resolve_arch(arch, init)
     meta = build_meta(arch, init, num_classes, res, frozen_stages, norm_eval, random_init_norm, score_thr,
                       rpn_proposals, rois_per_image)
     model = _build(arch, meta["norm"], meta["frozen_stages"], res, num_classes, score_thr,
-                   rpn_proposals, rois_per_image, backbone_init=init, imagenet_weights=imagenet_weights)
+                   rpn_proposals, rois_per_image, backbone_init=init, imagenet_weights=imagenet_weights,
+                   vit_image_size=meta.get("vit_image_size", VIT_DEFAULT_IMAGE_SIZE))
     log.info("built Faster R-CNN %s init=%s norm=%s frozen_stages=%d res=%d", arch, init, meta["norm"],
              meta["frozen_stages"], res)
     return model
@@ -299,19 +358,29 @@ def build_detector(arch: str, init: str, num_classes: int = NUM_CLASSES, res: in
 def build_meta(arch: str, init: str, num_classes: int, res: int, frozen_stages: int, norm_eval: bool,
                random_init_norm: str, score_thr: float, rpn_proposals: int = 1000,
                rois_per_image: int = 512) -> dict[str, Any]:
-    """The architecture arguments stored in every torchvision-engine checkpoint."""
-    norm = norm_kind(init, norm_eval, random_init_norm)
+    """The architecture arguments stored in every torchvision-engine checkpoint (``arch`` is the one
+    built: pass it through :func:`resolve_arch`). A ViT's also say the image size its encoder was
+    built at (the grid of its stored position embedding) and its patch size."""
+    norm = norm_kind(init, norm_eval, random_init_norm, arch)
+    vit = is_vit(arch)
+    extra: dict[str, Any] = {}
+    if vit:
+        from cxrssl.models.backbones import get_spec
+
+        extra = {"vit_image_size": vit_image_size(arch, str(init)), "patch_size": int(get_spec(arch).patch_size),
+                 "neck": "simple_feature_pyramid"}
     return {
         "arch": arch,
         "init": str(init),
         "norm": norm,
-        "frozen_stages": -1 if init == "random" else int(frozen_stages),
+        "frozen_stages": -1 if init == "random" or vit else int(frozen_stages),
         "res": int(res),
         "num_classes": int(num_classes),
         "score_thr": float(score_thr),
         "rpn_proposals": int(rpn_proposals),
         "rois_per_image": int(rois_per_image),
         "classes": list(VINDR_CLASSES),
+        **extra,
     }
 
 
@@ -323,7 +392,8 @@ def detector_from_meta(meta: dict[str, Any], score_thr: float | None = None) -> 
         raise ValueError(f"unknown norm {meta['norm']!r} in the checkpoint meta")
     return _build(meta["arch"], meta["norm"], meta["frozen_stages"], meta["res"], meta["num_classes"],
                   meta["score_thr"] if score_thr is None else float(score_thr),
-                  meta.get("rpn_proposals", 1000), meta.get("rois_per_image", 512))
+                  meta.get("rpn_proposals", 1000), meta.get("rois_per_image", 512),
+                  vit_image_size=int(meta.get("vit_image_size", VIT_DEFAULT_IMAGE_SIZE)))
 
 
 def load_trained_detector(checkpoint_path: str | Path, device: str | torch.device = "cpu"

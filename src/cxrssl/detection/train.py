@@ -50,7 +50,7 @@ from cxrssl.detection.dataset import CocoDetection, collate, input_format
 from cxrssl.detection.engine import LOSS_KEYS, coco_map50, predict_coco, train_one_epoch
 from cxrssl.detection.engines import make_meta
 from cxrssl.detection.model import (NUM_CLASSES, Detector, autocast_device_for, build_detector, build_meta,
-                                    compile_backbone, detector_from_meta, set_precision)
+                                    compile_backbone, detector_from_meta, resolve_arch, set_precision)
 from cxrssl.detection.schedule import WarmupCosine
 from cxrssl.io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from cxrssl.runtime import (cleanup_distributed, gather_objects, init_distributed, load_checkpoint, rng_state,
@@ -185,9 +185,10 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
     if len(val_set) == 0:
         raise ValueError(f"{val_json}: empty validation split")
     input_size, bit_depth = input_format(train_json)
-    arch_meta = build_meta(s["arch"], init, NUM_CLASSES, res, s["frozen_stages"], s["norm_eval"],
+    arch = resolve_arch(s["arch"], init)  # the init's own arch (backbone.json), else detection.arch
+    arch_meta = build_meta(arch, init, NUM_CLASSES, res, s["frozen_stages"], s["norm_eval"],
                            s["random_init_norm"], s["score_thr"], s["rpn_proposals"], s["rois_per_image"])
-    meta = make_meta("torchvision", arch=s["arch"], init=init, init_name=init_name, res=res, seed=seed,
+    meta = make_meta("torchvision", arch=arch, init=init, init_name=init_name, res=res, seed=seed,
                      settings=s, input_size=input_size, input_bit_depth=bit_depth,
                      **{k: v for k, v in arch_meta.items() if k not in ("arch", "init", "res", "num_classes", "classes")})
 
@@ -226,7 +227,7 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
         net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     log.info("training %s init=%s res=%d: %d train / %d val / %d test images (train_on_empty %s), "
-             "%d iterations/epoch, %d epochs, batch %d (%d ranks), device %s, bf16 backbone %s", s["arch"], init,
+             "%d iterations/epoch, %d epochs, batch %d (%d ranks), device %s, bf16 backbone %s", arch, init,
              res, len(train_set), len(val_set), len(test_set), s["train_on_empty"], len(train_loader), s["epochs"],
              s["batch_size"], world, dev, model.backbone.autocast_device is not None)
     for index in range(start_epoch, s["epochs"]):

@@ -87,7 +87,7 @@ def _check_sidecar(path: Path, model: nn.Module) -> None:
     if meta is not None and meta["library"] != "torchvision":
         raise BadInputError(str(path), f"is a {meta['arch']} ({meta['library']}) backbone from "
                             f"{meta.get('method') or 'an unknown'} pretraining; this stage needs a torchvision "
-                            f"{type(model).__name__} (ViT backbones are not supported here yet)")
+                            f"{type(model).__name__} (detection builds ViTs itself: cxrssl.detection.model follows the sidecar)")
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, keep_fc: bool = False) -> None:
