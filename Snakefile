@@ -25,6 +25,7 @@ include: "rules/linear_eval.smk"
 include: "rules/detection.smk"
 include: "rules/evaluation.smk"
 include: "rules/heatmaps.smk"
+include: "rules/multimodal.smk"
 include: "rules/targets.smk"
 
 

@@ -116,3 +116,52 @@ def xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> list[list[float]]:
 
 def _num(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+# --- one table for every method's maps -------------------------------------------------------------
+
+def comparison_rows(cams: Sequence[tuple[dict, dict]] = (), zeroshot: Sequence[tuple[str, dict]] = ()) -> list[dict]:
+    """Rows of the localisation comparison: detector CAM runs and zero-shot similarity maps (with
+    their baselines), each score as mean and 95 percent CI.
+
+    ``cams``: ``(run, localization.json)`` with ``run`` = ``{engine, init, res, seed}``;
+    ``zeroshot``: ``(box layout, localization.json of cxrssl.multimodal.zeroshot)``.
+    """
+    def cells(summary: dict) -> dict:
+        out = {}
+        for metric in METRICS:
+            entry = summary.get(metric) or {}
+            lo, hi = (entry.get("ci") or [None, None])[:2]
+            out.update({metric: entry.get("mean"), f"{metric}_ci_low": lo, f"{metric}_ci_high": hi})
+        return out
+
+    rows = []
+    for run, loc in cams:
+        rows.append({"maps": f"CAM ({loc.get('engine', run['engine'])})", "method": str(run["init"]),
+                     "boxes": "VinDr-CXR test", "query": "detector boxes", "setting": f"{run['res']}px seed {run['seed']}",
+                     **cells(loc["summary"])})
+    for layout, loc in zeroshot:
+        method = loc.get("method", "multimodal")
+        for query, sources in sorted(loc["queries"].items()):
+            for source in ("model", *sorted(s for s in sources if s != "model")):
+                if source not in sources:
+                    continue
+                entry = sources[source]
+                label = method if source == "model" else f"{source} baseline"
+                rows.append({"maps": "image-text similarity" if source == "model" else "baseline", "method": label,
+                             "boxes": layout, "query": query, "setting": f"threshold {entry['threshold']:g} (val)",
+                             **cells(entry["scores"])})
+    return rows
+
+
+def comparison_markdown(rows: Sequence[dict], digits: int = 3) -> str:
+    """The comparison rows as a Markdown table: each score ``mean [low, high]``."""
+    def fmt(v):
+        return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+    head = ["maps", "method", "boxes", "query", "setting", *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        scores = [f"{fmt(r[m])} [{fmt(r[f'{m}_ci_low'])}, {fmt(r[f'{m}_ci_high'])}]" for m in METRICS]
+        lines.append("| " + " | ".join([str(r[k]) for k in head[:5]] + scores) + " |")
+    return "\n".join(lines) + "\n"
