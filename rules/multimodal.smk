@@ -44,6 +44,7 @@ rule prepare_reports:
         args=cli(f"pretrain.{MM_METHOD}", exclude=MM_TRAIN_ONLY),
         hold_out=demo_hold_out_flag,
         seed=SEED,
+        on_bad_input=ON_BAD_INPUT,
     log:
         f"{LOGS}/multimodal/prepare_reports.log",
     conda:
@@ -54,7 +55,7 @@ rule prepare_reports:
         runtime=30 if DEMO["enabled"] else 4 * 60,
     shell:
         "{PY} {SCRIPTS}/prepare_reports.py --out {output.pairs:q} --quarantine {output.quarantine:q}"
-        " --seed {params.seed} --on-bad-input {ON_BAD_INPUT} {params.hold_out} {params.args} --log {log:q}"
+        " --seed {params.seed} --on-bad-input {params.on_bad_input} {params.hold_out} {params.args} --log {log:q}"
 
 
 rule pretrain_multimodal:
@@ -80,7 +81,7 @@ rule pretrain_multimodal:
         args=cli(f"pretrain.{MM_METHOD}"),
         imagenet=lambda wildcards: imagenet_flag(config["pretrain"][MM_METHOD]["arch"]),
         seed=SEED,
-        out_dir=MM_DIR,
+        out_dir=lambda wildcards, output: str(Path(output.backbone).parent),
         launcher=torch_launcher,
     threads: TORCH_THREADS + config["pretrain"][MM_METHOD]["workers"]
     resources:
@@ -113,6 +114,7 @@ rule zeroshot:
         seed=SEED,
         out_dir=lambda wildcards, output: str(Path(output.localization).parent),
         torch_threads=TORCH_THREADS,
+        on_bad_input=ON_BAD_INPUT,
     log:
         f"{LOGS}/zeroshot/{MM_METHOD}_{{boxes}}.log",
     benchmark:
@@ -126,7 +128,7 @@ rule zeroshot:
     shell:
         "{PY} {SCRIPTS}/zeroshot.py --run-dir $(dirname {input.model_json:q}) --layout {wildcards.boxes}"
         " --boxes {input.boxes:q} --images {params.images:q} --out-dir {params.out_dir:q} --seed {params.seed}"
-        " --threads {params.torch_threads} --on-bad-input {ON_BAD_INPUT} {params.args} --log {log:q}"
+        " --threads {params.torch_threads} --on-bad-input {params.on_bad_input} {params.args} --log {log:q}"
 
 
 rule localization_comparison:
