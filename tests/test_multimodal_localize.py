@@ -213,3 +213,33 @@ def test_read_ms_cxr_keeps_each_sentence_with_its_boxes(tmp_path):
     items = localisation_items(frame)
     assert items["sentence"].tolist() == ["Left basal opacity", "Right lower lobe pneumonia"]
     assert len(items.iloc[1]["boxes"]) == 2
+
+
+def test_cluster_bootstrap_of_the_shared_summary():
+    from cxrssl.evaluation.localization import METRICS, summarize_scores
+
+    rng = np.random.default_rng(3)
+    rows = [{m: float(v) for m, v in zip(METRICS, rng.random(len(METRICS)))} for _ in range(9)]
+    # every row its own image: the same resamples as without groups
+    assert summarize_scores(rows, 200, 1, groups=[str(k) for k in range(9)]) == summarize_scores(rows, 200, 1)
+    # two images: only the means of (a, a), (a, b), (b, b) can come out
+    rows = [{m: 0.0 for m in METRICS}, {m: 0.0 for m in METRICS}, {m: 1.0 for m in METRICS}]
+    out = summarize_scores(rows, 2000, 0, level=0.5, groups=["a", "a", "b"])
+    assert out["iou"]["ci"] == [pytest.approx(1 / 3), pytest.approx(1 / 3)] and out["iou"]["mean"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="group labels"):
+        summarize_scores(rows, 10, 0, groups=["a"])
+
+
+def test_comparison_table_puts_cams_and_similarity_maps_side_by_side():
+    from cxrssl.evaluation.localization import METRICS, comparison_markdown, comparison_rows
+
+    cell = {m: {"mean": 0.5, "ci": [0.4, 0.6], "n": 3} for m in METRICS}
+    zs = {"queries": {"prompt": {"model": {"threshold": 0.3, "scores": cell},
+                                 "random": {"threshold": 0.5, "scores": {**cell, "cnr": {"mean": None, "ci": [None, None]}}}}}}
+    rows = comparison_rows([({"engine": "torchvision", "init": "multimodal", "res": 128, "seed": 0},
+                             {"engine": "torchvision", "summary": cell})], [("nih", zs)])
+    assert [(r["maps"], r["method"], r["boxes"]) for r in rows] == [
+        ("CAM (torchvision)", "multimodal", "VinDr-CXR test"), ("image-text similarity", "multimodal", "nih"),
+        ("baseline", "random baseline", "nih")]
+    md = comparison_markdown(rows)
+    assert md.count("\n") == 5 and "0.500 [0.400, 0.600]" in md and "n/a [n/a, n/a]" in md
