@@ -28,6 +28,7 @@ include: "rules/heatmaps.smk"
 include: "rules/headline.smk"
 include: "rules/report.smk"
 include: "rules/segmentation.smk"
+include: "rules/multimodal.smk"
 include: "rules/targets.smk"
 
 

@@ -363,3 +363,45 @@ def linear_eval_metrics():
         fraction=[linear_fraction_label(f) for f in lin["fractions"]],
     )
 
+
+
+# multimodal.smk
+
+ZEROSHOT_PATH_KEYS = ("layouts", "nih_boxes", "nih_images", "rsna_labels", "rsna_images", "ms_cxr_boxes",
+                      "ms_cxr_images")
+
+
+def report_inputs(wildcards):
+    """The report corpus' metadata table (the demo's is a declared output of make_demo_data)."""
+    mm = config["pretrain"]["multimodal"]
+    table = {"mimic": "mimic-cxr-2.0.0-metadata.csv", "iu": "indiana_projections.csv"}[mm["layout"]]
+    return [*demo_ready(), os.path.join(mm["reports_root"], table)]
+
+
+def demo_hold_out_flag(wildcards):
+    """Demo reports: the NIH test patients go to the reports' test split (never pretrained on)."""
+    root = os.path.normpath(config["pretrain"]["multimodal"]["reports_root"])
+    reports = f"{os.path.normpath(DEMO['root'])}/reports"
+    return f"--hold-out-demo {shlex.quote(reports)}" if DEMO["enabled"] and root.startswith(reports + os.sep) else ""
+
+
+def zeroshot_paths(layout):
+    """(box file, images folder) of a zero-shot layout (zeroshot.<layout>_*)."""
+    zs = config["zeroshot"]
+    boxes = {"nih": "nih_boxes", "rsna": "rsna_labels", "ms_cxr": "ms_cxr_boxes"}[layout]
+    return zs[boxes], zs[f"{layout}_images"]
+
+
+def zeroshot_outputs():
+    """localization.json of every layout of zeroshot.layouts (multimodal in pretrain.methods only)."""
+    if "multimodal" not in config["pretrain"]["methods"]:
+        return []
+    return expand(f"{RESULTS}/zeroshot/multimodal/{{boxes}}/localization.json", boxes=config["zeroshot"]["layouts"])
+
+
+def localization_comparison_flags(wildcards):
+    """--cam (heatmap runs) and --zeroshot (similarity maps) flags of the localisation comparison."""
+    flags = [f"--cam {run['engine']} {shlex.quote(str(run['init']))} {run['res']} {run['seed']} {shlex.quote(path)}"
+             for run, path in localized_runs()]
+    flags += [f"--zeroshot {path.split('/')[-2]} {shlex.quote(path)}" for path in zeroshot_outputs()]
+    return " ".join(flags)

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 
-from cxrssl.config import add_section_args, section_args, section_schema
+from cxrssl.config import OWN_RULE_METHODS, add_section_args, section_args, section_schema
 
 EXCLUDE = ("methods",)
 
 
 def method_names() -> list[str]:
-    """The methods with a settings block in the schema (the registry checks its modules agree)."""
-    return [k for k, v in section_schema("pretrain")["properties"].items() if v.get("type") == "object"]
+    """The methods with a settings block in the schema (the registry checks its modules agree),
+    less those with their own rules and script (cxrssl.config.OWN_RULE_METHODS)."""
+    return [k for k, v in section_schema("pretrain")["properties"].items()
+            if v.get("type") == "object" and k not in OWN_RULE_METHODS]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,12 @@ TINY_CONFIG = {
                  "image_size": 32, "workers": 0, "checkpoint_every": 2,
                  "barlowtwins": {"arch": "resnet18", "init": "random", "projector": [64, 64, 64]},
                  "vicreg": {"arch": "resnet18", "init": "random", "hidden_dim": 64, "output_dim": 64},
-                 "gmml": {"arch": "vit_tiny_patch8", "init": "random"}},
+                 "gmml": {"arch": "vit_tiny_patch8", "init": "random"},
+                 "multimodal": {"reports_root": "data/demo/reports/mimic_cxr", "arch": "resnet18", "init": "random",
+                                "output_stride": 16, "image_size": 32, "text_encoder": "scratch", "vocab_size": 200,
+                                "text_hidden": 16, "text_layers": 1, "text_heads": 2, "text_intermediate": 32,
+                                "max_tokens": 48, "max_sentences": 6, "embed_dim": 16, "batch_size": 8, "epochs": 1,
+                                "lr": 0.001, "lr_text": 0.001, "workers": 0, "checkpoint_every": 2}},
     "linear_eval": {"inits": ["random", "barlowtwins", "gmml"], "fractions": [0.5, 1.0], "arch": "resnet18",
                     "epochs": 2, "batch_size": 16, "image_size": 32, "workers": 0, "bootstrap": 50},
     "detection": {"arch": "resnet18", "inits": ["random", "barlowtwins"], "resolutions": [64],
@@ -42,6 +47,9 @@ TINY_CONFIG = {
                                  "shenzhen=data/demo/lungs/ChinaSet_AllFiles"],
                      "inits": ["random", "gmml"], "arch": "resnet18", "image_size": 32, "width": 16,
                      "epochs": 1, "batch_size": 8, "lr": 0.001, "n_bootstrap": 20},
+    # multimodal (pretrain.multimodal above) is not in pretrain.methods here: tests/test_multimodal_dag.py adds it
+    "zeroshot": {"layouts": ["nih"], "nih_boxes": "data/demo/reports/localization/nih/BBox_List_2017.csv",
+                 "nih_images": "data/demo/reports/localization/images", "val_fraction": 0.4, "bootstrap": 20},
 }
 
 

@@ -34,7 +34,8 @@ def test_scores_of_a_hand_checked_map():
     s = score_map(m, box, threshold=0.55)
     # predicted: 15 inside pixels + (9, 9) = 16; intersection 15; union 16 + 16 - 15 = 17
     assert s["iou"] == pytest.approx(15 / 17) and s["dice"] == pytest.approx(2 * 15 / 32)
-    assert s["pointing"] == 1.0  # first maximum is (2, 3), inside
+    assert s["pointing_game"] == 1.0  # the maxima (2, 3).. are inside
+    assert s["energy_in_box"] == pytest.approx(15.5 / 16.3)  # mass 15 + 0.5 inside, 0.2 + 0.6 outside
     inside = np.array([1.0] * 15 + [0.5])
     outside = np.array([0.0] * 82 + [0.2, 0.6])
     cnr = abs(inside.mean() - outside.mean()) / np.sqrt(inside.var() + outside.var())
@@ -42,33 +43,52 @@ def test_scores_of_a_hand_checked_map():
     s = score_map(m, box, threshold=0.45)  # now (2, 2) joins: 16 inside + (9, 9)
     assert s["iou"] == pytest.approx(16 / 17) and s["dice"] == pytest.approx(32 / 33)
     m[9, 9] = 2.0  # the maximum moves outside the box
-    assert score_map(m, box, 0.5)["pointing"] == 0.0
+    assert score_map(m, box, 0.5)["pointing_game"] == 0.0
 
 
-def test_pointing_takes_the_middle_of_a_plateau():
+def test_pointing_on_a_plateau_hits_with_any_maximal_pixel():
     # a corner cell of a 2 x 2 grid upsampled bilinearly: its value fills the corner quadrant
-    # [0..2] x [0..2]; the first maximum (0, 0) is on the edge, the plateau's middle is (1, 1)
+    # [0..2] x [0..2]; a box on any pixel of that plateau holds a maximum (the CAM scorer's rule)
     from cxrssl.multimodal.image import region_map
-    from cxrssl.multimodal.localize import peak
 
     m = region_map(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), (2, 2), (8, 8))[0].numpy()
     assert np.isclose(m[:2, :2], 1).all() and m[2, 2] < 1
-    assert peak(m) == (1, 1)
-    assert score_map(m, [[1, 1, 2, 2]], 0.5)["pointing"] == 1.0  # the box holds (1, 1), not (0, 0)
-    assert score_map(m, [[0, 0, 1, 1]], 0.5)["pointing"] == 0.0
+    assert score_map(m, [[1, 1, 1, 1]], 0.5)["pointing_game"] == 1.0
+    assert score_map(m, [[0, 0, 1, 1]], 0.5)["pointing_game"] == 1.0
+    assert score_map(m, [[3, 3, 5, 5]], 0.5)["pointing_game"] == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.05, 0.95))
+def test_similarity_maps_and_cams_share_one_scorer(seed, t):
+    # a similarity map (cosine, signed, [x, y, w, h] boxes) scores as the CAM scorer scores the
+    # min-max scaled map with the same boxes as [x0, y0, x1, y1]
+    from cxrssl.evaluation.localization import score_heatmap
+    from cxrssl.multimodal.localize import normalise
+
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(-1, 1, (16, 20))
+    x, y = rng.integers(0, 10, 2)
+    w, h = rng.integers(2, 8, 2)
+    ours = score_map(m, [[x, y, w, h]], t)
+    cam = score_heatmap(normalise(m), [[x, y, x + w, y + h]], threshold=t)
+    assert ours.keys() == cam.keys()
+    for k in ours:
+        assert ours[k] == pytest.approx(cam[k], nan_ok=True), k
 
 
 def test_scores_of_a_gradient_map():
     m = np.tile(np.arange(10, dtype=float), (10, 1))  # columns 0..9, scaled to c / 9
     s = score_map(m, [[5, 0, 5, 10]], threshold=5 / 9)  # box = right half; predicted c >= 5: the same
-    assert s["iou"] == pytest.approx(1.0) and s["pointing"] == 1.0
+    assert s["iou"] == pytest.approx(1.0) and s["pointing_game"] == 1.0
     s = score_map(m, [[5, 0, 5, 10]], threshold=7 / 9 - 1e-9)  # c >= 7: 30 of the box's 50 pixels
     assert s["iou"] == pytest.approx(30 / 50) and s["dice"] == pytest.approx(60 / 80)
 
 
 def test_constant_map_and_empty_box():
     s = score_map(np.ones((4, 4)), [[0, 0, 2, 2]], 0.5)
-    assert s["cnr"] == 0.0 and s["iou"] == 0.0  # scaled to 0 everywhere: nothing above threshold
+    assert s["iou"] == 0.0 and s["pointing_game"] == 0.0  # scaled to 0 everywhere: nothing above threshold
+    assert np.isnan(s["cnr"]) and np.isnan(s["energy_in_box"])  # undefined: left out of the means
     with pytest.raises(ValueError):
         score_map(np.ones((4, 4)), [[10, 10, 2, 2]], 0.5)
 
@@ -123,8 +143,8 @@ def test_evaluate_maps_threshold_from_val_only():
     inverted = 1 - good
     scores, summary = evaluate_maps(items, {"good": [good, good, good], "mixed": [good, inverted, good]}, n_boot=50)
     table = summary.set_index(["source", "metric"])
-    assert table.loc[("good", "iou"), "mean"] == 1.0 and table.loc[("good", "pointing"), "n_items"] == 2
-    assert table.loc[("mixed", "pointing"), "mean"] == 0.5
+    assert table.loc[("good", "iou"), "mean"] == 1.0 and table.loc[("good", "pointing_game"), "n_items"] == 2
+    assert table.loc[("mixed", "pointing_game"), "mean"] == 0.5
     assert set(scores["image_id"]) == {"t1", "t2"}  # val items are never scored
     with pytest.raises(ValueError, match="val items"):
         evaluate_maps(items.assign(split="test"), {"good": [good] * 3})
@@ -193,3 +213,33 @@ def test_read_ms_cxr_keeps_each_sentence_with_its_boxes(tmp_path):
     items = localisation_items(frame)
     assert items["sentence"].tolist() == ["Left basal opacity", "Right lower lobe pneumonia"]
     assert len(items.iloc[1]["boxes"]) == 2
+
+
+def test_cluster_bootstrap_of_the_shared_summary():
+    from cxrssl.evaluation.localization import METRICS, summarize_scores
+
+    rng = np.random.default_rng(3)
+    rows = [{m: float(v) for m, v in zip(METRICS, rng.random(len(METRICS)))} for _ in range(9)]
+    # every row its own image: the same resamples as without groups
+    assert summarize_scores(rows, 200, 1, groups=[str(k) for k in range(9)]) == summarize_scores(rows, 200, 1)
+    # two images: only the means of (a, a), (a, b), (b, b) can come out
+    rows = [{m: 0.0 for m in METRICS}, {m: 0.0 for m in METRICS}, {m: 1.0 for m in METRICS}]
+    out = summarize_scores(rows, 2000, 0, level=0.5, groups=["a", "a", "b"])
+    assert out["iou"]["ci"] == [pytest.approx(1 / 3), pytest.approx(1 / 3)] and out["iou"]["mean"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="group labels"):
+        summarize_scores(rows, 10, 0, groups=["a"])
+
+
+def test_comparison_table_puts_cams_and_similarity_maps_side_by_side():
+    from cxrssl.evaluation.localization import METRICS, comparison_markdown, comparison_rows
+
+    cell = {m: {"mean": 0.5, "ci": [0.4, 0.6], "n": 3} for m in METRICS}
+    zs = {"queries": {"prompt": {"model": {"threshold": 0.3, "scores": cell},
+                                 "random": {"threshold": 0.5, "scores": {**cell, "cnr": {"mean": None, "ci": [None, None]}}}}}}
+    rows = comparison_rows([({"engine": "torchvision", "init": "multimodal", "res": 128, "seed": 0},
+                             {"engine": "torchvision", "summary": cell})], [("nih", zs)])
+    assert [(r["maps"], r["method"], r["boxes"]) for r in rows] == [
+        ("CAM (torchvision)", "multimodal", "VinDr-CXR test"), ("image-text similarity", "multimodal", "nih"),
+        ("baseline", "random baseline", "nih")]
+    md = comparison_markdown(rows)
+    assert md.count("\n") == 5 and "0.500 [0.400, 0.600]" in md and "n/a [n/a, n/a]" in md

@@ -79,6 +79,17 @@ def pretraining_methods() -> list[str]:
     return [name for name, prop in props.items() if prop.get("type") == "object"]
 
 
+#: Pretraining methods with a schema block but their own data, loop and rules instead of the shared
+#: NIH loop of :mod:`cxrssl.ssl.registry`: multimodal trains on (report, image) pairs
+#: (:mod:`cxrssl.multimodal`, rules/multimodal.smk). Their backbone.pth is an init all the same.
+OWN_RULE_METHODS = ("multimodal",)
+
+
+def registry_methods() -> list[str]:
+    """The schema's methods trained by the shared loop (scripts/pretrain.py, rule pretrain)."""
+    return [m for m in pretraining_methods() if m not in OWN_RULE_METHODS]
+
+
 def pretrained_arch(config: dict, method: str) -> tuple[str, str]:
     """``(key, arch)`` of the backbone that pretraining ``method`` trains (what its init loads)."""
     return f"pretrain.{method}.arch", config["pretrain"][method]["arch"]

@@ -1,7 +1,8 @@
 """How well a heatmap points at the lesions: scores of a map against the ground-truth boxes.
 
-One scorer for every method's maps (detector CAMs here; image-text similarity maps of multimodal
-methods the same way), so one table compares them all. A heatmap is an (H, W) array of
+One scorer for every method's maps: detector CAMs (:mod:`cxrssl.cam.heatmaps`) and the image-text
+similarity maps of the multimodal method (:mod:`cxrssl.multimodal.localize`, min-max scaled to
+[0, 1] first), so one table compares them all. A heatmap is an (H, W) array of
 non-negative relevance (negative values count as 0) in the pixels of the image whose GT boxes
 (``[x0, y0, x1, y1]``, the same pixels) it is scored against; only images with at least one box
 are scored. Per image:
@@ -74,27 +75,93 @@ def score_heatmap(heatmap: np.ndarray, boxes: Sequence[Sequence[float]], thresho
     return scores
 
 
-def summarize_scores(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0, level: float = 0.95
-                     ) -> dict[str, dict]:
-    """Per score: ``mean`` over the images where it is defined, percentile bootstrap ``ci`` over
-    images (``[None, None]`` without resamples or with fewer than two images), and ``n``."""
+def summarize_scores(rows: Sequence[dict], n_resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                     groups: Sequence | None = None) -> dict[str, dict]:
+    """Per score: ``mean`` over the rows where it is defined, percentile bootstrap ``ci`` over
+    images (``[None, None]`` without resamples or with fewer than two defined rows), and ``n``.
+
+    ``groups`` (one label per row, e.g. the image of each (image, finding) item): rows of a group
+    are resampled together (a cluster bootstrap over images); None: every row is its own image.
+    """
     out = {}
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(rows), size=(n_resamples, len(rows))) if rows and n_resamples > 0 else None
+    if groups is None:
+        index, n_groups = np.arange(len(rows)), len(rows)
+    else:
+        if len(groups) != len(rows):
+            raise ValueError(f"{len(groups)} group labels for {len(rows)} rows")
+        _, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        n_groups = int(index.max()) + 1 if len(rows) else 0
+    draws = rng.integers(0, n_groups, size=(n_resamples, n_groups)) if rows and n_resamples > 0 else None
     for metric in METRICS:
         values = np.array([r[metric] if r.get(metric) is not None else np.nan for r in rows], dtype=float)
         defined = np.isfinite(values)
         mean = float(values[defined].mean()) if defined.any() else float("nan")
         ci = [float("nan"), float("nan")]
         if draws is not None and defined.sum() >= 2:
-            sampled = np.where(defined[draws], values[draws], 0.0).sum(axis=1)
-            counts = defined[draws].sum(axis=1)
-            means = sampled[counts > 0] / counts[counts > 0]
+            sums = np.bincount(index, weights=np.where(defined, values, 0.0), minlength=n_groups)
+            counts = np.bincount(index, weights=defined.astype(float), minlength=n_groups)
+            sampled, drawn = sums[draws].sum(axis=1), counts[draws].sum(axis=1)
+            means = sampled[drawn > 0] / drawn[drawn > 0]
             alpha = (1 - level) / 2
             ci = [float(v) for v in np.percentile(means, [100 * alpha, 100 * (1 - alpha)])]
         out[metric] = {"mean": _num(mean), "ci": [_num(v) for v in ci], "n": int(defined.sum())}
     return out
 
 
+def xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> list[list[float]]:
+    """``[x, y, w, h]`` boxes (NIH, RSNA, MS-CXR files) as the ``[x0, y0, x1, y1]`` this scorer takes."""
+    return [[float(x), float(y), float(x) + float(w), float(y) + float(h)] for x, y, w, h in boxes]
+
+
 def _num(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+# --- one table for every method's maps -------------------------------------------------------------
+
+def comparison_rows(cams: Sequence[tuple[dict, dict]] = (), zeroshot: Sequence[tuple[str, dict]] = ()) -> list[dict]:
+    """Rows of the localisation comparison: detector CAM runs and zero-shot similarity maps (with
+    their baselines), each score as mean and 95 percent CI.
+
+    ``cams``: ``(run, localization.json)`` with ``run`` = ``{engine, init, res, seed}``;
+    ``zeroshot``: ``(box layout, localization.json of cxrssl.multimodal.zeroshot)``.
+    """
+    def cells(summary: dict) -> dict:
+        out = {}
+        for metric in METRICS:
+            entry = summary.get(metric) or {}
+            lo, hi = (entry.get("ci") or [None, None])[:2]
+            out.update({metric: entry.get("mean"), f"{metric}_ci_low": lo, f"{metric}_ci_high": hi})
+        return out
+
+    rows = []
+    for run, loc in cams:
+        rows.append({"maps": f"CAM ({loc.get('engine', run['engine'])})", "method": str(run["init"]),
+                     "boxes": "VinDr-CXR test", "query": "detector boxes", "setting": f"{run['res']}px seed {run['seed']}",
+                     **cells(loc["summary"])})
+    for layout, loc in zeroshot:
+        method = loc.get("method", "multimodal")
+        for query, sources in sorted(loc["queries"].items()):
+            for source in ("model", *sorted(s for s in sources if s != "model")):
+                if source not in sources:
+                    continue
+                entry = sources[source]
+                label = method if source == "model" else f"{source} baseline"
+                rows.append({"maps": "image-text similarity" if source == "model" else "baseline", "method": label,
+                             "boxes": layout, "query": query, "setting": f"threshold {entry['threshold']:g} (val)",
+                             **cells(entry["scores"])})
+    return rows
+
+
+def comparison_markdown(rows: Sequence[dict], digits: int = 3) -> str:
+    """The comparison rows as a Markdown table: each score ``mean [low, high]``."""
+    def fmt(v):
+        return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+    head = ["maps", "method", "boxes", "query", "setting", *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        scores = [f"{fmt(r[m])} [{fmt(r[f'{m}_ci_low'])}, {fmt(r[f'{m}_ci_high'])}]" for m in METRICS]
+        lines.append("| " + " | ".join([str(r[k]) for k in head[:5]] + scores) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,19 +1,17 @@
 """Annotation-free localisation: similarity maps as heatmaps, scored against boxes, with baselines.
 
-Interface (meant to merge into the shared scorer, ``cxrssl.evaluation.localization``): a heatmap is
-a float ``(H, W)`` array at the image's pixel size, boxes are ``[x, y, w, h]`` in the same pixels;
-:func:`score_map` turns one (heatmap, boxes, threshold) into per-item scores. Everything else
-(box files, threshold choice, baselines, bootstrap, tables, panels) is built on that.
+A heatmap is a float ``(H, W)`` array at the image's pixel size, boxes are ``[x, y, w, h]`` in
+the same pixels; :func:`score_map` min-max scales a map to [0, 1] and scores it with the project's
+one localisation scorer, :func:`cxrssl.evaluation.localization.score_heatmap` (the one the
+detectors' CAMs are scored with), so the two kinds of maps are comparable in one table.
+Everything else (box files, threshold choice, baselines, bootstrap, tables, panels) is built on it.
 
-Scores of one item (one finding in one image; its boxes' union is the ground-truth mask):
-
-* ``iou`` / ``dice`` of the map thresholded at ``t`` after min-max scaling to [0, 1] (``t`` is
-  chosen on a validation split to maximise the mean IoU, never on test);
-* ``pointing``: 1 if the map's maximum lies in a box. Upsampled maps have plateaus (a border
-  cell's maximum extends to the image edge), so of several maximal pixels the one nearest to
-  their centroid is taken, not the first in row-major order (which sits on the edge);
-* ``cnr``: contrast-to-noise ratio ``|mean_in - mean_out| / sqrt(var_in + var_out)`` of the
-  scaled map (BioViL's definition; invariant to the map's scale and offset).
+Scores of one item (one finding in one image; its boxes' union is the ground-truth mask), all of
+the scaled map (:data:`METRICS`): ``energy_in_box`` (share of the map's mass in the boxes),
+``pointing_game`` (the maximum in a box; of a plateau, any maximal pixel), ``iou`` / ``dice`` of
+the map thresholded at ``t`` (``t`` chosen on a validation split to maximise the mean IoU, never
+on test) and ``cnr`` (``|mean_in - mean_out| / sqrt(var_in + var_out)``, BioViL's definition,
+invariant to the map's scale and offset).
 
 Baselines: a random map (uniform noise on the model's region grid, upsampled bilinearly: the same
 smoothness as the model's maps) and a centre prior (isotropic Gaussian at the image centre,
@@ -39,6 +37,7 @@ import pandas as pd
 import torch
 
 from cxrssl.errors import BadInputError, Quarantine
+from cxrssl.evaluation import localization as shared
 from cxrssl.io import atomic_savefig
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     "Consolidation": ("There is consolidation.", "Airspace consolidation."),
     "Edema": ("There is pulmonary edema.", "Pulmonary edema."),
 }
-METRICS = ("iou", "dice", "pointing", "cnr")
+METRICS = shared.METRICS  # energy_in_box, pointing_game, iou, dice, cnr
 
 
 # --- box files -------------------------------------------------------------------------------------
@@ -153,17 +152,11 @@ def localisation_items(boxes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([dict(zip(keys, key), boxes=g.to_numpy().tolist()) for key, g in grouped])
 
 
-# --- metrics of one map ----------------------------------------------------------------------------
+# --- metrics of one map: the shared scorer (cxrssl.evaluation.localization) ----------------------
 
 def box_mask(boxes: Iterable[Sequence[float]], shape: tuple[int, int]) -> np.ndarray:
     """Union of ``[x, y, w, h]`` boxes as a bool mask; pixel (r, c) is in when its centre is."""
-    h, w = shape
-    mask = np.zeros(shape, bool)
-    for x, y, bw, bh in boxes:
-        c0, c1 = int(np.ceil(x - 0.5)), int(np.ceil(x + bw - 0.5))
-        r0, r1 = int(np.ceil(y - 0.5)), int(np.ceil(y + bh - 0.5))
-        mask[max(r0, 0):min(r1, h), max(c0, 0):min(c1, w)] = True
-    return mask
+    return shared.box_mask(shape, shared.xywh_to_xyxy(boxes))
 
 
 def normalise(heatmap: np.ndarray) -> np.ndarray:
@@ -173,33 +166,19 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
     return (m - lo) / span if span > 0 else np.zeros_like(m)
 
 
-def peak(heatmap: np.ndarray, tol: float = 1e-6) -> tuple[int, int]:
-    """(row, col) of the maximum; of a plateau, the maximal pixel nearest to the plateau's centroid
-    (ties: the one nearest to the image centre, i.e. towards the cell centre of a border cell)."""
-    m = np.asarray(heatmap, np.float64)
-    top = np.argwhere(m >= m.max() - tol * max(1.0, abs(float(m.max()))))
-    if len(top) == 1:
-        return int(top[0, 0]), int(top[0, 1])
-    to_centroid = np.round(((top - top.mean(0)) ** 2).sum(1), 9)
-    to_centre = ((top - (np.array(m.shape) - 1) / 2) ** 2).sum(1)
-    k = int(np.lexsort((to_centre, to_centroid))[0])
-    return int(top[k, 0]), int(top[k, 1])
-
-
 def score_map(heatmap: np.ndarray, boxes: Iterable[Sequence[float]], threshold: float) -> dict[str, float]:
-    """``iou, dice, pointing, cnr`` of one heatmap ``(H, W)`` against its boxes (module doc)."""
+    """:data:`METRICS` of one similarity map ``(H, W)`` against its ``[x, y, w, h]`` boxes.
+
+    The map is min-max scaled to [0, 1] and scored by :func:`cxrssl.evaluation.localization.score_heatmap`
+    (the detectors' CAM scorer) at ``threshold`` (of the scaled map's maximum, 1). Undefined
+    scores (a constant map's energy share and CNR) are NaN, left out of means as there.
+    """
+    boxes = list(boxes)
     m = normalise(heatmap)
-    gt = box_mask(boxes, m.shape)
-    if not gt.any():
+    if not box_mask(boxes, m.shape).any():
         raise ValueError("no box pixel inside the map")
-    pred = m >= threshold
-    inter, union = float((pred & gt).sum()), float((pred | gt).sum())
-    total = float(pred.sum() + gt.sum())
-    inside, outside = m[gt], m[~gt]
-    spread = np.sqrt(inside.var() + outside.var()) if outside.size else 0.0
-    contrast = abs(inside.mean() - outside.mean()) if outside.size else 0.0
-    return {"iou": inter / union, "dice": 2 * inter / total, "pointing": float(gt[peak(m)]),
-            "cnr": float(contrast / spread) if spread > 0 else 0.0}
+    scores = shared.score_heatmap(m, shared.xywh_to_xyxy(boxes), threshold=threshold)
+    return {k: float(scores[k]) for k in METRICS}
 
 
 def choose_threshold(maps: Sequence[np.ndarray], boxes: Sequence, grid: Sequence[float] | None = None) -> float:
@@ -270,14 +249,11 @@ def prompt_embeddings(model, findings: Iterable[str]) -> dict[str, torch.Tensor]
 # --- evaluation ------------------------------------------------------------------------------------
 
 def bootstrap_ci(scores: pd.DataFrame, metric: str, n: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``metric`` over items, resampling images."""
-    per_image = scores.groupby("image_id")[metric].agg(["sum", "count"])
-    sums, counts = per_image["sum"].to_numpy(), per_image["count"].to_numpy()
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(sums), size=(n, len(sums)))
-    means = sums[draws].sum(1) / counts[draws].sum(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    """Percentile bootstrap CI of the mean of ``metric`` over items, resampling images
+    (:func:`cxrssl.evaluation.localization.summarize_scores` with the items grouped by image)."""
+    summary = shared.summarize_scores(scores.to_dict("records"), n, seed, level, groups=scores["image_id"].tolist())
+    lo, hi = summary[metric]["ci"]
+    return (float("nan") if lo is None else lo, float("nan") if hi is None else hi)
 
 
 def score_items(items: pd.DataFrame, maps: Sequence[np.ndarray], threshold: float) -> pd.DataFrame:
@@ -304,10 +280,12 @@ def evaluate_maps(items: pd.DataFrame, maps: dict[str, Sequence[np.ndarray]], n_
         t = choose_threshold([m for m, v in zip(source, val) if v], items.loc[val, "boxes"].tolist())
         scores = score_items(items[test], [m for m, k in zip(source, test) if k], t).assign(source=name)
         per_item.append(scores)
+        stats = shared.summarize_scores(scores.to_dict("records"), n_boot, seed, groups=scores["image_id"].tolist())
         for metric in METRICS:
-            lo, hi = bootstrap_ci(scores, metric, n_boot, seed)
-            summary.append(dict(source=name, metric=metric, mean=float(scores[metric].mean()), ci_low=lo, ci_high=hi,
-                                threshold=t, n_items=len(scores), n_images=scores["image_id"].nunique()))
+            lo, hi = (np.nan if v is None else v for v in stats[metric]["ci"])
+            summary.append(dict(source=name, metric=metric, mean=np.nan if stats[metric]["mean"] is None
+                                else stats[metric]["mean"], ci_low=lo, ci_high=hi, threshold=t, n_items=len(scores),
+                                n_images=scores["image_id"].nunique()))
     return pd.concat(per_item, ignore_index=True), pd.DataFrame(summary)
 
 

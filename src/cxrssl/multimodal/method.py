@@ -1,17 +1,16 @@
 """The multimodal method as pieces a pretraining registry can wrap: settings, modules, parameter
 groups, optimizer, the loss of a batch, export and reload.
 
-:class:`MultimodalSettings` holds the method's settings with their defaults until they move into
-the schema as ``pretrain.<method>``. The paper (arXiv 2401.01524) publishes no code or
-hyperparameters beyond ResNet-50 + BioClinicalBERT; the other defaults follow GLoRIA's public
-recipe (attention temperature 1/4, sentence aggregation 5, local temperature 1/10, image 224,
-learning rate ~5e-5 for the pretrained text encoder). :data:`DEMO_SETTINGS` is the CPU demo.
+:class:`MultimodalSettings` is the schema block ``pretrain.multimodal`` (defaults there, with their
+sources: the paper (arXiv 2401.01524) publishes no code or hyperparameters beyond ResNet-50 +
+BioClinicalBERT; the others follow GLoRIA's public recipe). The CPU demo's values are in
+config.yaml.
 
 Exports (:meth:`MultimodalMethod.export`) in ``out_dir``:
 
-* ``image_encoder.pth``: plain torchvision ResNet state dict without ``fc`` (the project's
-  backbone contract: linear evaluation and detection take it as ``init``), with the sidecar
-  ``image_encoder.json`` ``{method, arch, library, ...}``;
+* ``backbone.pth``: plain torchvision ResNet state dict without ``fc`` (the project's backbone
+  contract: linear evaluation and detection take it as ``init``), with the registry's sidecar
+  ``backbone.json`` (:func:`cxrssl.models.backbones.write_sidecar`);
 * ``model.pth`` (every weight, tensors only) + ``text_encoder/`` (Hugging Face folder: config,
   weights, tokenizer; renamed into place whole) + ``model.json`` (settings; written last), which
   :func:`load_trained` rebuilds for zero-shot localisation.
@@ -19,6 +18,7 @@ Exports (:meth:`MultimodalMethod.export`) in ``out_dir``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from cxrssl.io import atomic_torch_save, atomic_write_json
+from cxrssl.models.backbones import get_spec, write_sidecar
 from cxrssl.multimodal.image import ImageEncoder, resnet_feature_map
 from cxrssl.multimodal.losses import MultimodalLoss
-from cxrssl.multimodal.text import (BIOCLINICALBERT, SentenceTextEncoder, build_text_encoder, load_pretrained,
+from cxrssl.multimodal.text import (SentenceTextEncoder, build_text_encoder, load_pretrained,
                                     quiet_progress)
 from cxrssl.runtime import load_checkpoint
 from cxrssl.ssl.augment import normalize_views
@@ -41,45 +42,56 @@ from cxrssl.ssl.lars import lr_factor
 
 METHOD = "multimodal"
 IMAGE_ENCODER, IMAGE_SIDECAR, MODEL, MODEL_JSON, TEXT_DIR = (
-    "image_encoder.pth", "image_encoder.json", "model.pth", "model.json", "text_encoder")
+    "backbone.pth", "backbone.json", "model.pth", "model.json", "text_encoder")
+
+
+def _schema_defaults() -> dict:
+    """The defaults of the ``pretrain.multimodal`` schema block (the one place they live)."""
+    from cxrssl.config import section_defaults
+
+    return section_defaults(f"pretrain.{METHOD}")
+
+
+_D = _schema_defaults()
 
 
 @dataclass
 class MultimodalSettings:
-    """Settings of the method (future ``pretrain.multimodal`` schema block); defaults per the module doc."""
+    """The ``pretrain.multimodal`` block (schema: meaning, source and default of each setting)."""
 
-    arch: str = "resnet50"            # image backbone (torchvision ResNet)
-    init: str = "imagenet"            # random | imagenet | path to a backbone checkpoint
-    output_stride: int = 32           # 16: finer region grid, same weights (cxrssl.multimodal.image)
-    image_size: int = 224
-    text_encoder: str = BIOCLINICALBERT  # Hub name, local folder, or "scratch"
-    vocab_size: int = 8000            # scratch: WordPiece vocabulary size
-    text_hidden: int = 256            # scratch BERT width / depth / heads / MLP width
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate: int = 1024
-    text_dropout: float | None = None  # None: the model's own (BERT: 0.1)
-    max_tokens: int = 128             # report length in tokens (all sentences, one pass)
-    max_sentences: int = 12           # sentences per report used by the local loss
-    embed_dim: int = 512              # shared space (global and local projections)
-    temperature_global: float = 0.1
-    temperature_local: float = 0.1
-    attention_temperature: float = 0.25
-    aggregation: float = 5.0          # sentence aggregation sharpness (GLoRIA's gamma 2)
-    global_weight: float = 1.0
-    local_weight: float = 1.0
-    batch_size: int = 48              # global batch (all ranks)
-    epochs: int = 50
-    warmup_epochs: float = 1.0
-    lr: float = 1e-4                  # image encoder and projection heads (AdamW)
-    lr_text: float = 5e-5             # text encoder
-    weight_decay: float = 1e-4        # not on biases and norm weights
-    amp: bool = True                  # bf16 autocast on CUDA (ignored on CPU)
-    workers: int = 4
-    checkpoint_every: int = 500       # steps
-    layout: str = "mimic"             # report layout (cxrssl.multimodal.reports)
-    val_fraction: float = 0.1         # patient-disjoint report splits
-    test_fraction: float = 0.1
+    reports_root: str = _D["reports_root"]   # report corpus (the prepare_reports rule's input)
+    layout: str = _D["layout"]               # report layout (cxrssl.multimodal.reports)
+    val_fraction: float = _D["val_fraction"]  # patient-disjoint report splits
+    test_fraction: float = _D["test_fraction"]
+    arch: str = _D["arch"]
+    init: str = _D["init"]
+    output_stride: int = _D["output_stride"]
+    image_size: int = _D["image_size"]
+    text_encoder: str = _D["text_encoder"]
+    vocab_size: int = _D["vocab_size"]
+    text_hidden: int = _D["text_hidden"]
+    text_layers: int = _D["text_layers"]
+    text_heads: int = _D["text_heads"]
+    text_intermediate: int = _D["text_intermediate"]
+    text_dropout: float | None = _D["text_dropout"]
+    max_tokens: int = _D["max_tokens"]
+    max_sentences: int = _D["max_sentences"]
+    embed_dim: int = _D["embed_dim"]
+    temperature_global: float = _D["temperature_global"]
+    temperature_local: float = _D["temperature_local"]
+    attention_temperature: float = _D["attention_temperature"]
+    aggregation: float = _D["aggregation"]
+    global_weight: float = _D["global_weight"]
+    local_weight: float = _D["local_weight"]
+    batch_size: int = _D["batch_size"]
+    epochs: int = _D["epochs"]
+    warmup_epochs: float = _D["warmup_epochs"]
+    lr: float = _D["lr"]
+    lr_text: float = _D["lr_text"]
+    weight_decay: float = _D["weight_decay"]
+    amp: bool = _D["amp"]
+    workers: int = _D["workers"]
+    checkpoint_every: int = _D["checkpoint_every"]
 
     @classmethod
     def from_dict(cls, values: dict) -> MultimodalSettings:
@@ -90,16 +102,9 @@ class MultimodalSettings:
         return cls(**values)
 
 
-#: The CPU demo (measured on the demo data, see the report): ResNet-18 from scratch at 96 px with
-#: a 6x6 region grid, a 2-layer BERT from scratch, batch 16 for 20 epochs (~210 steps). 64 px
-#: (4x4 regions) or batch 32 (half the steps) learned no pointing-game skill in that budget.
-DEMO_SETTINGS = dict(arch="resnet18", init="random", output_stride=16, image_size=96, text_encoder="scratch",
-                     vocab_size=1000, text_hidden=128, text_layers=2, text_heads=2, text_intermediate=256,
-                     max_tokens=96, max_sentences=10, embed_dim=128, attention_temperature=0.1, batch_size=16,
-                     epochs=20, warmup_epochs=1.0, lr=1e-3, lr_text=5e-4, weight_decay=1e-4, workers=0,
-                     checkpoint_every=50)
 #: Settings that change the trained weights (the resume fingerprint); workers etc. do not.
-RESULT_KEYS = tuple(f.name for f in fields(MultimodalSettings) if f.name not in ("workers", "checkpoint_every"))
+RESULT_KEYS = tuple(f.name for f in fields(MultimodalSettings)
+                    if f.name not in ("workers", "checkpoint_every", "reports_root"))
 
 
 class MultimodalModel(nn.Module):
@@ -207,10 +212,10 @@ class MultimodalMethod:
         backbone = model.image.backbone
         path = out / IMAGE_ENCODER
         atomic_torch_save(backbone.export_state_dict(), path)
-        atomic_write_json({"method": METHOD, "arch": self.s.arch, "library": "torchvision", "format": "state_dict",
-                           "excludes": ["fc"], "output_stride_trained": self.s.output_stride,
-                           "image_size": self.s.image_size, "input": "grey replicated to 3 channels, ImageNet "
-                           "mean/std", "init": self.s.init, **(info or {})}, out / IMAGE_SIDECAR)
+        # the registry's sidecar, as every method's backbone.json (linear evaluation and detection read it)
+        write_sidecar(path, get_spec(self.s.arch), method=METHOD, image_size=self.s.image_size,
+                      fingerprint=hashlib.sha256(json.dumps({**asdict(self.s), **(info or {})}, sort_keys=True,
+                                                            default=str).encode()).hexdigest())
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         atomic_torch_save(state, out / MODEL)
         _save_text_encoder(model.text, out / TEXT_DIR)

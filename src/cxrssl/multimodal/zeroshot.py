@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from cxrssl.errors import Quarantine
+from cxrssl.errors import BadInputError, Quarantine
 from cxrssl.io import atomic_write_csv, atomic_write_json
 from cxrssl.multimodal.localize import (centre_map, evaluate_maps, image_regions, localisation_items,
                                         prompt_embeddings, random_map, read_ms_cxr, read_nih_boxes, read_rsna_labels,
@@ -32,7 +32,7 @@ from cxrssl.multimodal.method import load_trained
 
 log = logging.getLogger(__name__)
 
-SCORES, SUMMARY, PANEL, ITEMS = "scores.csv", "summary.csv", "panel.png", "items.json"
+SCORES, SUMMARY, PANEL, ITEMS, LOCALIZATION = "scores.csv", "summary.csv", "panel.png", "items.json", "localization.json"
 BOX_LAYOUTS = ("nih", "rsna", "ms_cxr")
 
 
@@ -89,30 +89,104 @@ def zero_shot(run_dir: str | Path, items: pd.DataFrame, load_image: Callable[[st
     return summary
 
 
+def load_items(layout: str, boxes_file: str | Path, images_dir: str | Path, val_fraction: float = 0.4, seed: int = 0,
+               quarantine: Quarantine | None = None) -> tuple[pd.DataFrame, Callable[[str], np.ndarray]]:
+    """Items of a box file in ``layout`` (nih, rsna, ms_cxr), a seeded val/test split by image, and a loader.
+
+    ``images_dir``: NIH: the folder of the ``Image Index`` files; RSNA: the folder of
+    ``<patientId>.png`` (PNG copies of its DICOMs); MS-CXR: the folder its ``path`` column is
+    relative to. Images are read as 8-bit grey; the boxes are in their pixels.
+    """
+    if layout not in BOX_LAYOUTS:
+        raise ValueError(f"boxes must be one of {BOX_LAYOUTS}, got {layout!r}")
+    q = quarantine or Quarantine("skip", stage="zero_shot")
+    images_dir = Path(images_dir)
+    if layout == "nih":
+        frame = read_nih_boxes(boxes_file, q)
+        paths = dict(zip(frame["image_id"], frame["image_id"]))
+    elif layout == "rsna":
+        frame, _ = read_rsna_labels(boxes_file, q)
+        frame = frame.assign(image_id=frame["image_id"] + ".png")
+        paths = dict(zip(frame["image_id"], frame["image_id"]))
+    else:
+        frame = read_ms_cxr(boxes_file, q)
+        frame = frame.assign(image_id=frame["path"].map(lambda p: Path(p).name))
+        paths = dict(zip(frame["image_id"], frame["path"]))
+        frame = frame.drop(columns="path")
+    items = localisation_items(frame)
+    if items.empty:
+        raise BadInputError(str(boxes_file), "no usable box")
+    split = split_images(sorted(set(items["image_id"])), val_fraction, seed)  # one image per patient
+    items = items.assign(split=items["image_id"].map(split))
+
+    def load(image_id: str) -> np.ndarray:
+        path = images_dir / paths[image_id]
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L"), dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            raise BadInputError(str(path), f"not a readable image ({exc})") from None
+
+    return items, load
+
+
+def demo_paths(demo_root: str | Path, boxes: str) -> tuple[Path, Path]:
+    """(box file, images folder) of the demo's held-out localisation set in layout ``boxes``."""
+    loc = Path(demo_root) / "reports" / "localization"
+    return {"nih": (loc / "nih" / "BBox_List_2017.csv", loc / "images"),
+            "rsna": (loc / "rsna" / "stage_2_train_labels.csv", loc / "images"),
+            "ms_cxr": (loc / "ms_cxr" / "MS_CXR_Local_Alignment_v1.1.0.csv", loc)}[boxes]
+
+
 def demo_items(demo_root: str | Path, boxes: str = "ms_cxr", val_fraction: float = 0.4, seed: int = 0,
                quarantine: Quarantine | None = None) -> tuple[pd.DataFrame, Callable[[str], np.ndarray]]:
     """Items (with a seeded val/test split by image) and an image loader for the demo's localisation set."""
     if boxes not in BOX_LAYOUTS:
         raise ValueError(f"boxes must be one of {BOX_LAYOUTS}, got {boxes!r}")
-    loc = Path(demo_root) / "reports" / "localization"
-    q = quarantine or Quarantine("skip", stage="zero_shot")
-    if boxes == "nih":
-        frame = read_nih_boxes(loc / "nih" / "BBox_List_2017.csv", q)
-    elif boxes == "rsna":
-        frame, _ = read_rsna_labels(loc / "rsna" / "stage_2_train_labels.csv", q)
-        frame = frame.assign(image_id=frame["image_id"] + ".png")
-    else:
-        frame = read_ms_cxr(loc / "ms_cxr" / "MS_CXR_Local_Alignment_v1.1.0.csv", q)
-        frame = frame.assign(image_id=frame["path"].map(lambda p: Path(p).name)).drop(columns="path")
-    items = localisation_items(frame)
-    split = split_images(sorted(set(items["image_id"])), val_fraction, seed)  # one image per patient
-    items = items.assign(split=items["image_id"].map(split))
+    return load_items(boxes, *demo_paths(demo_root, boxes), val_fraction, seed, quarantine)
 
-    def load(image_id: str) -> np.ndarray:
-        with Image.open(loc / "images" / image_id) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8)
 
-    return items, load
+def localisation_json(summary: pd.DataFrame, meta: dict) -> dict:
+    """``localization.json``: per query kind and map source the scores in the shape of the CAM
+    runs' files (metric -> ``{mean, ci, n}``, :func:`cxrssl.evaluation.localization.summarize_scores`),
+    plus the threshold chosen on validation; ``summary`` is the model's prompt maps (what the
+    comparison table reads, as it reads a CAM run's ``summary``)."""
+    def num(v):
+        return None if v is None or not np.isfinite(v) else float(v)
+
+    queries: dict = {}
+    for (query, source), g in summary.groupby(["query", "source"], sort=True):
+        queries.setdefault(query, {})[source] = {
+            "threshold": float(g["threshold"].iloc[0]), "n_items": int(g["n_items"].iloc[0]),
+            "n_images": int(g["n_images"].iloc[0]),
+            "scores": {r.metric: {"mean": num(r.mean), "ci": [num(r.ci_low), num(r.ci_high)], "n": int(r.n_items)}
+                       for r in g.itertuples(index=False)}}
+    return {**meta, "queries": queries, "summary": queries["prompt"]["model"]["scores"],
+            "baselines": {k: v["scores"] for k, v in queries["prompt"].items() if k != "model"}}
+
+
+def run_zero_shot(run_dir: str | Path, layout: str, boxes_file: str | Path, images_dir: str | Path,
+                  out_dir: str | Path, seed: int = 0, n_boot: int = 1000, val_fraction: float = 0.4,
+                  panel_per_finding: int = 1, on_bad_input: str = "fail", device: str = "cpu") -> dict:
+    """Zero-shot localisation of a trained run on one box file: writes ``summary.csv``, ``scores.csv``,
+    ``panel.png``, ``items.json``, ``quarantine.csv`` and ``localization.json`` (returned)."""
+    out = Path(out_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = Quarantine(on_bad_input, stage="zero_shot")
+    items, load = load_items(layout, boxes_file, images_dir, val_fraction, seed, q)
+    start = time.perf_counter()
+    summary = zero_shot(run_dir, items, load, out, seed, n_boot, device=device, panel_per_finding=panel_per_finding)
+    meta = {"method": "multimodal", "boxes": layout, "items": len(items), "images": int(items["image_id"].nunique()),
+            "val_items": int((items["split"] == "val").sum()), "test_items": int((items["split"] == "test").sum()),
+            "quarantined": len(q), "threshold_chosen_on": "val", "bootstrap": n_boot, "seconds": None}
+    meta["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json({k: meta[k] for k in ("boxes", "items", "images", "val_items", "test_items", "quarantined")},
+                      out / ITEMS)
+    q.write(out / "quarantine.csv")
+    result = localisation_json(summary, meta)
+    atomic_write_json(result, out / LOCALIZATION)
+    return result
 
 
 def demo_localisation(demo_root: str | Path, run_dir: str | Path, out_dir: str | Path, seed: int = 0,
