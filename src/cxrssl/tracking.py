@@ -315,7 +315,14 @@ class MLflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found is None:
+            try:
+                experiment_id = self.client.create_experiment(experiment)
+            except Exception:  # another job created it first (parallel runs of one stage)
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+        experiment_id = found.experiment_id if found is not None else experiment_id
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
 
     def _params(self, params: dict) -> None:
