@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from cxrssl.config import ConfigError, pretraining_methods, section_schema, section_to_cli, validate_config
+from cxrssl.config import OWN_RULE_METHODS, ConfigError, pretraining_methods, section_schema, section_to_cli, validate_config
 from cxrssl.detection.engines import RUN_SETTINGS, engine_names
 
 # --- config: validate before any job runs; errors name the files, the key and what is wrong ---

@@ -54,6 +54,9 @@ rule pretrain:
 
 
 FINAL_TARGETS.append(
-    lambda: expand([PRETRAIN_BACKBONE, PRETRAIN_SIDECAR, PRETRAIN_METRICS, PRETRAIN_PLOT, PRETRAIN_MONITOR],
-                   method=config["pretrain"]["methods"])
+    lambda: [
+        *expand([PRETRAIN_BACKBONE, PRETRAIN_SIDECAR, PRETRAIN_METRICS, PRETRAIN_PLOT], method=config["pretrain"]["methods"]),
+        # the kNN monitor runs in the shared loop only (methods with their own rules have none)
+        *expand(PRETRAIN_MONITOR, method=[m for m in config["pretrain"]["methods"] if m not in OWN_RULE_METHODS]),
+    ]
 )
