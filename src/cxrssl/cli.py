@@ -43,6 +43,13 @@ SCRIPT_VERBS: dict[str, tuple[str, str]] = {
     "heatmaps": ("heatmaps.py", "Ablation-CAM / EigenCAM heatmaps and localisation scores"),
     "collect-metrics": ("collect_metrics.py", "results/metrics.json for DVC"),
     "report-headline": ("report_headline.py", "the report's first page: headline tables with CIs"),
+    "prepare-reports": ("prepare_reports.py", "prepare reports (the rule's script)"),
+    "pretrain-multimodal": ("pretrain_multimodal.py", "pretrain multimodal (the rule's script)"),
+    "segment": ("segment.py", "segment (the rule's script)"),
+    "split-segmentation": ("split_segmentation.py", "split segmentation (the rule's script)"),
+    "summarize-localization": ("summarize_localization.py", "summarize localization (the rule's script)"),
+    "summarize-segmentation": ("summarize_segmentation.py", "summarize segmentation (the rule's script)"),
+    "zeroshot": ("zeroshot.py", "zeroshot (the rule's script)"),
     "build-mmcv": ("build_mmcv.py", "build mmcv with compiled ops for the mmdet engine"),
 }
 
