@@ -106,8 +106,13 @@ class TopChannelAblationLayer(AblationLayer):
         channels = torch.as_tensor(np.asarray(self.indices[: output.size(0)]), device=output.device)
         minimum = torch.min(output)
         value = 0.0 if minimum == 0 else float(minimum) - 1e7
-        output[rows, channels] = value
+        self.ablate(output, rows, channels, value)
         return output
+
+    @staticmethod
+    def ablate(output: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor, value: float) -> None:
+        """Set channel ``channels[i]`` of copy ``rows[i]`` to ``value`` (channels first)."""
+        output[rows, channels] = value
 
 
 class TokenAblationLayer(TopChannelAblationLayer):
@@ -119,14 +124,9 @@ class TokenAblationLayer(TopChannelAblationLayer):
         self.activations = activations[input_batch_index: input_batch_index + 1].clone().repeat(
             num_channels_to_ablate, 1, 1)
 
-    def __call__(self, x):
-        output = self.activations
-        rows = torch.arange(output.size(0), device=output.device)
-        channels = torch.as_tensor(np.asarray(self.indices[: output.size(0)]), device=output.device)
-        minimum = torch.min(output)
-        value = 0.0 if minimum == 0 else float(minimum) - 1e7
-        output[rows, :, channels] = value
-        return output
+    @staticmethod
+    def ablate(output: torch.Tensor, rows: torch.Tensor, channels: torch.Tensor, value: float) -> None:
+        output[rows, :, channels] = value  # channels last: every token of the copy
 
 
 class FPNAblationLayer(TopChannelAblationLayer):

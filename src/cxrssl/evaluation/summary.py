@@ -24,7 +24,6 @@ p-value over the same test-image resamples, and with several seeds the t-interva
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import pandas as pd
 
 from cxrssl.errors import BadInputError
 from cxrssl.evaluation.localization import METRICS as LOC_METRICS
-from cxrssl.evaluation.metrics import bca_interval, bootstrap_p_value, percentile_interval
+from cxrssl.evaluation.metrics import bca_interval, bootstrap_p_value, load_json, percentile_interval
 from cxrssl.io import atomic_savefig, atomic_write_csv, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -58,21 +57,12 @@ def _value(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise BadInputError(str(path), "file does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInputError(str(path), f"not valid JSON: {exc}") from exc
-
-
 def load_runs(runs: list[Run]) -> tuple[pd.DataFrame, dict]:
     """One row per run (keys, headline metrics, per-class AP50) and each run's bootstrap arrays."""
     rows, boots = [], {}
     for run in runs:
         path = Path(run.metrics)
-        metrics = _read(path)
+        metrics = load_json(path)
         missing = [k for k in ("mAP50", "mAP", "mAP75", "mAP50_ci", "voc_mAP", "per_class_AP50") if k not in metrics]
         if missing:
             raise BadInputError(str(path), f"not an evaluation metrics file: missing {missing}")
@@ -95,7 +85,7 @@ def load_localization(runs: list[Run]) -> dict:
     """(engine, init, res, seed) -> the ``summary`` of each run's ``localization.json``."""
     out = {}
     for run in runs:
-        data = _read(Path(run.metrics))
+        data = load_json(run.metrics)
         if "summary" not in data:
             raise BadInputError(str(run.metrics), "not a heatmap localization file: no 'summary'")
         out[(run.engine, run.init, int(run.res), int(run.seed))] = data
