@@ -68,9 +68,9 @@ rule pretrain_multimodal:
         model_json=f"{MM_DIR}/model.json",
         text=directory(f"{MM_DIR}/text_encoder"),
         val=f"{MM_DIR}/val.csv",
-        metrics=report(expand(PRETRAIN_METRICS, method=MM_METHOD)[0], caption="../report/pretrain_metrics.rst",
+        metrics=report(expand(PRETRAIN_METRICS, method=MM_METHOD)[0], caption="../report/pretrain_multimodal_metrics.rst",
                        category="Pretraining", labels={"method": MM_METHOD, "file": "metrics.csv"}),
-        plot=report(expand(PRETRAIN_PLOT, method=MM_METHOD)[0], caption="../report/pretrain_loss.rst",
+        plot=report(expand(PRETRAIN_PLOT, method=MM_METHOD)[0], caption="../report/pretrain_multimodal_loss.rst",
                     category="Pretraining", labels={"method": MM_METHOD, "file": "loss.png"}),
     log:
         f"{LOGS}/pretrain/{MM_METHOD}.log",
