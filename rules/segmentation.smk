@@ -89,3 +89,4 @@ if SEG["enabled"]:
     FINAL_TARGETS.append(lambda: [SEG_SUMMARY, f"{SEG_DIR}/summary.md", f"{SEG_DIR}/dice_by_init.png",
                                   SEG_QUARANTINE]
                          + expand(f"{SEG_RUN}/examples.png", init=SEG["inits"]))
+    HEADLINE_PARTS.append(("Lung segmentation (test split, Dice and IoU with 95% bootstrap CIs)", f"{SEG_DIR}/summary.md"))
