@@ -50,10 +50,10 @@ def rule_python():
 # Rules run `"$CXRSSL_PY" "$CXRSSL_SCRIPTS/<name>.py" ...`: absolute script paths work from any
 # working directory (`--directory`) and in cluster jobs (each job re-reads this file). They reach
 # the shell as variables, not as `{PY}` in the command: machine paths are no rule parameter (a
-# moved checkout reruns nothing) and `snakemake --lint` stays clean.
+# moved checkout reruns nothing) and `snakemake --lint` stays clean. (shell.prefix: below, with
+# the tracking flags.)
 PY = rule_python()
 SCRIPTS = shlex.quote(str(Path(workflow.main_snakefile).parent / "scripts"))
-shell.prefix(f"set -euo pipefail; CXRSSL_PY={PY}; CXRSSL_SCRIPTS={SCRIPTS}; ")
 RESULTS = config["results_dir"]
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
@@ -132,9 +132,11 @@ def cli(section, exclude=()):
     return " ".join(shlex.quote(a) for a in section_to_cli(section, node, exclude=tuple(exclude)))
 
 
-# Live tracking flags (config `tracking`) of the training scripts. Rules put them in `shell:` as
-# {TRACKING_ARGS}, not in `params:`: a different tracking back end reruns no training job.
+# Live tracking flags (config `tracking`) of the training scripts: the bash array CXRSSL_TRACKING
+# of the shell prefix, used as "${{CXRSSL_TRACKING[@]}}" in `shell:`, not a param, so a different
+# tracking back end reruns no training job (and `snakemake --lint` stays clean).
 TRACKING_ARGS = cli("tracking")
+shell.prefix(f"set -euo pipefail; CXRSSL_PY={PY}; CXRSSL_SCRIPTS={SCRIPTS}; CXRSSL_TRACKING=({TRACKING_ARGS}); ")
 
 
 def pretrain_backbones():
@@ -202,8 +204,8 @@ def torch_launcher(wildcards, resources):
     interpreter) with one DDP process per GPU when the job has >= 2 GPUs, else the interpreter."""
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus >= 2:
-        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={gpus}"
-    return PY
+        return f'"$CXRSSL_PY" -m torch.distributed.run --standalone --nproc_per_node={gpus}'
+    return '"$CXRSSL_PY"'
 
 
 def detection_env(wildcards):
@@ -215,7 +217,7 @@ def detection_launcher(wildcards, resources):
     """torchrun for engines that run DDP themselves (torchvision), else the rule's interpreter."""
     if DETECTION_ENGINE_RULE[wildcards.engine]["torchrun"]:
         return torch_launcher(wildcards, resources)
-    return PY
+    return '"$CXRSSL_PY"'
 
 
 def detection_engines():

@@ -53,7 +53,7 @@ rule train_detector:
         "{params.launcher} \"$CXRSSL_SCRIPTS/train_detector.py\" --engine {wildcards.engine} --init {params.init:q}"
         " --init-name {wildcards.init} --res {wildcards.res} --seed {wildcards.seed} --threads {params.torch_threads}"
         " --train-json {input.train:q} --val-json {input.val:q} --test-json {input.test:q} --out-dir {params.out_dir:q}"
-        " {params.imagenet} {params.args} {params.arch} {TRACKING_ARGS} --log-file {log:q}"  # not --log: torchrun's parser takes it
+        " {params.imagenet} {params.args} {params.arch} \"${{CXRSSL_TRACKING[@]}}\" --log-file {log:q}"  # not --log: torchrun's parser takes it
 
 
 FINAL_TARGETS.append(

@@ -39,7 +39,7 @@ rule linear_eval:
         "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/linear_eval.py\" {params.args} --init {params.init:q} --init-name {wildcards.init}"
         " --fraction {wildcards.fraction} {params.arch} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed} --threads {params.torch_threads} {params.imagenet}"
-        " {TRACKING_ARGS} --log {log:q}"
+        " \"${{CXRSSL_TRACKING[@]}}\" --log {log:q}"
 
 
 rule summarize_linear_eval:

@@ -54,7 +54,7 @@ rule prepare_reports:
         mem_mb=4000,
         runtime=30 if DEMO["enabled"] else 4 * 60,
     shell:
-        "{PY} {SCRIPTS}/prepare_reports.py --out {output.pairs:q} --quarantine {output.quarantine:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/prepare_reports.py\" --out {output.pairs:q} --quarantine {output.quarantine:q}"
         " --seed {params.seed} --on-bad-input {params.on_bad_input} {params.hold_out} {params.args} --log {log:q}"
 
 
@@ -91,7 +91,7 @@ rule pretrain_multimodal:
     conda:
         ENV
     shell:
-        "{params.launcher} {SCRIPTS}/pretrain_multimodal.py --pairs {input.pairs:q} --out-dir {params.out_dir:q}"
+        "{params.launcher} \"$CXRSSL_SCRIPTS/pretrain_multimodal.py\" --pairs {input.pairs:q} --out-dir {params.out_dir:q}"
         " --seed {params.seed} --threads {params.torch_threads} {params.imagenet} {params.args} --log-file {log:q}"
 
 
@@ -126,7 +126,7 @@ rule zeroshot:
         mem_mb=8000,
         runtime=30 if DEMO["enabled"] else 4 * 60,
     shell:
-        "{PY} {SCRIPTS}/zeroshot.py --run-dir $(dirname {input.model_json:q}) --layout {wildcards.boxes}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/zeroshot.py\" --run-dir $(dirname {input.model_json:q}) --layout {wildcards.boxes}"
         " --boxes {input.boxes:q} --images {params.images:q} --out-dir {params.out_dir:q} --seed {params.seed}"
         " --threads {params.torch_threads} --on-bad-input {params.on_bad_input} {params.args} --log {log:q}"
 
@@ -151,7 +151,7 @@ rule localization_comparison:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{PY} {SCRIPTS}/summarize_localization.py {params.flags} --csv {output.csv:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/summarize_localization.py\" {params.flags} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --log {log:q}"
 
 

@@ -50,7 +50,7 @@ rule pretrain:
         "{params.launcher} \"$CXRSSL_SCRIPTS/pretrain.py\" --method {wildcards.method} --index {input.index:q}"
         " --cache {input.cache:q} --out-dir {params.out_dir:q} --seed {params.seed}"
         " --threads {params.torch_threads} {params.imagenet} {params.args} {params.method_args}"
-        " {TRACKING_ARGS} --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
+        " \"${{CXRSSL_TRACKING[@]}}\" --log-file {log:q}"  # not --log: torchrun's parser takes it for its --log-dir
 
 
 FINAL_TARGETS.append(

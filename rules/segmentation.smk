@@ -30,7 +30,7 @@ rule segmentation_split:
     conda:
         ENV
     shell:
-        "{PY} {SCRIPTS}/split_segmentation.py {params.args} --seed {params.seed} --split {output.split:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/split_segmentation.py\" {params.args} --seed {params.seed} --split {output.split:q}"
         " --quarantine {output.quarantine:q} --log {log:q}"
 
 
@@ -62,7 +62,7 @@ rule segment:
     conda:
         ENV
     shell:
-        "{PY} {SCRIPTS}/segment.py {params.args} {params.arch} --split {input.split:q} --init {params.init:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/segment.py\" {params.args} {params.arch} --split {input.split:q} --init {params.init:q}"
         " --init-name {wildcards.init} --out-dir {params.out_dir:q} --seed {params.seed}"
         " --threads {params.torch_threads} {params.imagenet} --log {log:q}"
 
@@ -81,7 +81,7 @@ rule summarize_segmentation:
     conda:
         ENV
     shell:
-        "{PY} {SCRIPTS}/summarize_segmentation.py {input:q} --csv {output.csv:q} --md {output.md:q}"
+        "\"$CXRSSL_PY\" \"$CXRSSL_SCRIPTS/summarize_segmentation.py\" {input:q} --csv {output.csv:q} --md {output.md:q}"
         " --png {output.png:q} 2> {log:q}"
 
 

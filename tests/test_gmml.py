@@ -91,8 +91,10 @@ def test_corruption_is_aligned_to_the_patch_grid_and_seeded(seed, size_cells, pa
         assert share >= 0.5 - 1e-6 and corrupted[0][pixels].float().std() > 20
     for a, b in zip((clean, corrupted, cells), sample(images, 0, seed)):
         assert torch.equal(a, b)
-    other = sample(images, 0, seed + 1 if seed < 2**63 - 2 else 0)
-    assert not (torch.equal(other[2], cells) and torch.equal(other[1], corrupted))
+    # the seed decides the corruption: on a 2 x 2 grid two seeds can draw the same few cells (with a
+    # constant donor image the corruption is then equal too), but eight seeds do not all agree
+    others = [sample(images, 0, (seed + k) % 2**63) for k in range(1, 9)]
+    assert any(not (torch.equal(o[2], cells) and torch.equal(o[1], corrupted)) for o in others)
 
 
 # --- loss, head, schedule ------------------------------------------------------------------------------

@@ -551,6 +551,7 @@ PROBES = {
     "rois_per_image": (48, lambda tv: tv.model.roi_heads.fg_bg_sampler.batch_size_per_image,
                        lambda mm: mm["model"]["train_cfg"]["rcnn"]["sampler"]["num"]),
     "score_thr": (0.2, lambda tv: tv.model.roi_heads.score_thresh, lambda mm: mm["model"]["test_cfg"]["rcnn"]["score_thr"]),
+    "compile": (True, lambda tv: tv.model.backbone._compiled_call_impl is not None, lambda mm: mm["compile"]),
     "train_on_empty": (False, lambda tv: sorted(int(im["id"]) for im in tv.train_set.images), _mm_train_ids),
 }
 

@@ -12,6 +12,9 @@
 # so rules that request `gpu: 1` are scheduled with CUDA_VISIBLE_DEVICES set. No accounting
 # daemon: the Snakemake profile for tests uses `slurm-status-command: squeue` (sacct would fail).
 set -euo pipefail
+# Debian installs the daemons (munged, slurmctld, slurmd) in /usr/sbin, which a non-login or
+# minimal PATH (CI's /usr/local/bin:/usr/bin:/bin) leaves out.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 cmd=${1:?usage: cluster.sh install|start DIR|stop DIR}
 

@@ -112,6 +112,23 @@ def _setuptools_ok() -> bool:
         return False
 
 
+def _extract_data(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract ``tar`` under ``dest`` with tarfile's "data" filter; on Pythons before it existed
+    (3.11.0-3.11.3, e.g. Debian 12's 3.11.2), refuse the same dangers by hand: members outside
+    ``dest`` (absolute paths, ``..``), links, devices."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or os.path.isabs(member.name) or (
+                target != root and root not in target.parents):
+            raise RuntimeError(f"{tar.name}: refusing to extract {member.name!r} (outside the folder or not a plain "
+                               "file or folder)")
+    tar.extractall(dest)
+
+
 def build_mmcv(out_dir: str | Path, work_dir: str | Path, sdist: str | Path | None = None, cuda: str = "auto",
                jobs: int | None = None, run: Callable[..., None] = _run) -> Path:
     """Download (unless ``sdist`` is given), patch and build the mmcv wheel; returns its path."""
@@ -138,7 +155,7 @@ def build_mmcv(out_dir: str | Path, work_dir: str | Path, sdist: str | Path | No
     if src.exists():
         shutil.rmtree(src)
     with tarfile.open(sdist) as tar:
-        tar.extractall(work_dir, filter="data")
+        _extract_data(tar, Path(work_dir))
     if not (src / "setup.py").is_file():
         raise RuntimeError(f"{sdist}: no mmcv-{MMCV_VERSION}/setup.py inside")
     patch_setup_py(src / "setup.py")

@@ -272,4 +272,5 @@ def build_config(params: Mapping[str, Any], *, train_json: str | Path, val_json:
         load_from=None,
         resume=False,
         randomness=dict(seed=int(seed), deterministic=False),
+        compile=bool(params.get("compile", False)),  # detection.compile: mmengine's Runner compiles the model's steps
     )
