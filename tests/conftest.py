@@ -93,18 +93,57 @@ def tiny_config() -> dict:
     return yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
 
 
+def _link_checkpoint(src: str, dst: str) -> None:
+    """Copy a file, but hard-link checkpoints (``*.pth``): they are most of a run's bytes (~1 GB of
+    the tiny run) and are only ever replaced whole (written to a temporary file, then renamed) or
+    deleted, which leaves the other link untouched. Everything else is a real copy."""
+    if src.endswith(".pth"):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system, or links not allowed: copy
+            pass
+    shutil.copy2(src, dst)
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a finished run folder (mtimes, symlinks and Snakemake metadata kept), checkpoints
+    hard-linked (see ``_link_checkpoint``)."""
+    shutil.copytree(src, dst, symlinks=True, copy_function=_link_checkpoint, dirs_exist_ok=True)
+    return dst
+
+
+def _checkpoint_stamps(run: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run.rglob("*.pth"))}
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, tiny_config) -> Path:
     """The whole DAG run once on the tiny demo config; tests must not modify this folder."""
     workdir = tmp_path_factory.mktemp("demo_run")
     write_config(workdir / "config.yaml", tiny_config)
     snakemake(workdir)
-    return workdir
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture()
 def demo_copy(demo_run, tmp_path) -> Path:
-    """A private copy of the finished run (mtimes and Snakemake metadata kept) to modify."""
-    target = tmp_path / "run"
-    shutil.copytree(demo_run, target, symlinks=True)
-    return target
+    """A private copy of the finished run to modify (``copy_run``), removed after the test.
+
+    Its checkpoints share their bytes with ``demo_run``: a test that rewrote one in place (instead of
+    replacing it) would change the shared run under every later test, so that is checked here.
+    """
+    stamps = _checkpoint_stamps(demo_run)
+    target = copy_run(demo_run, tmp_path / "run")
+    yield target
+    shutil.rmtree(target, ignore_errors=True)  # ~100 MB a copy, even when the test failed
+    assert _checkpoint_stamps(demo_run) == stamps, "a checkpoint of demo_run was rewritten in place through a copy"
+
+
+def pytest_report_header(config) -> str:
+    """Free space where the tests write: the end-to-end tests need several GB (a full run, its copies)."""
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    return f"cxrssl: {free:.1f} GiB free in {tempfile.gettempdir()} (the end-to-end tests need ~10 GiB)"

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import REPO
+from conftest import REPO, copy_run
 from cxrssl.errors import BadInputError
 from cxrssl.tracking import collect_metrics, fraction_key, paths_under, write_metrics
 
@@ -165,7 +165,7 @@ def dvc_project(demo_run, tmp_path_factory):
     _copy_checkout(project)
     shutil.copy2(demo_run / "config.yaml", project / "config.yaml")
     for name in ("data", "results", ".snakemake/metadata"):
-        shutil.copytree(demo_run / name, project / name, symlinks=True, dirs_exist_ok=True)
+        copy_run(demo_run / name, project / name)
     env = _env(tmp)
     _run(["git", "init", "-q"], project, env)
     _run(["git", "add", "-A"], project, env)
@@ -177,7 +177,8 @@ def dvc_project(demo_run, tmp_path_factory):
     _run(["dvc", "push"], project, env)
     _run(["git", "add", "dvc.lock"], project, env)
     _run(["git", "commit", "-q", "-m", "demo run"], project, env)
-    return project, env
+    yield project, env
+    shutil.rmtree(tmp, ignore_errors=True)  # the project, its cache, the remote and the clone: ~5 GB
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -29,7 +30,8 @@ def mm_run(tmp_path_factory):
     config["detection"]["inits"] = ["multimodal"]
     write_config(workdir / "config.yaml", config)
     snakemake(workdir, f"{ZS}/localization.json", "results/linear_eval/multimodal/frac1.0/metrics.json")
-    return workdir
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_pairs_pretraining_and_backbone_contract(mm_run):

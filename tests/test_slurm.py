@@ -121,7 +121,8 @@ def slurm_run(slurm_cluster, demo_run, tmp_path_factory):
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"snakemake through SLURM failed:\n{out[-8000:]}"
-    return workdir, out
+    yield workdir, out
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_profiles_name_only_rules_of_the_workflow(tmp_path):
