@@ -32,6 +32,7 @@ rule parse_annotations:
     conda:
         ENV
     threads: 1
+    priority: PRIORITY["prepare"]
     resources:
         mem_mb=2000,
         runtime=15,
@@ -55,6 +56,7 @@ rule split_vindr:
     conda:
         ENV
     threads: 1
+    priority: PRIORITY["prepare"]
     resources:
         mem_mb=2000,
         runtime=10,
@@ -101,6 +103,7 @@ rule fuse_boxes:
     conda:
         ENV
     threads: 1
+    priority: PRIORITY["prepare"]
     resources:
         mem_mb=4000,
         runtime=30,

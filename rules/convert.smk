@@ -29,6 +29,7 @@ rule convert_dicom:
     conda:
         ENV
     threads: workflow.cores
+    priority: PRIORITY["prepare"]
     resources:
         # the parent plus one worker per thread, each sized for the largest frame it may accept
         mem_mb=lambda wildcards, threads: 1000 + threads * worker_mem_mb(config["vindr"]["convert"]["max_decoded_mb"]),
@@ -57,6 +58,7 @@ rule index_nih:
     conda:
         ENV
     threads: workflow.cores
+    priority: PRIORITY["prepare"]
     resources:
         # the cache is written through a memory map; workers hold one 1024 px image each
         mem_mb=lambda wildcards, threads: 1000 + 200 * threads,

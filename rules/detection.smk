@@ -43,6 +43,7 @@ rule train_detector:
         out_dir=lambda wildcards, output: str(Path(output.best).parent),
         launcher=detection_launcher,
     threads: TORCH_THREADS + config["detection"]["workers"]  # torch threads + loader workers
+    priority: PRIORITY["detection"]
     resources:
         mem_mb=8000 if DEMO["enabled"] else 32000,
         runtime=120 if DEMO["enabled"] else 24 * 60,

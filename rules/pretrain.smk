@@ -40,6 +40,7 @@ rule pretrain:
         out_dir=lambda wildcards, output: str(Path(output.backbone).parent),
         launcher=torch_launcher,
     threads: TORCH_THREADS + config["pretrain"]["workers"]  # torch threads + loader workers
+    priority: PRIORITY["pretrain"]
     resources:
         mem_mb=16000,
         runtime=60 if DEMO["enabled"] else 72 * 60,
