@@ -23,6 +23,20 @@ def test_atomic_write_leaves_old_file_intact_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+def test_identical_checkpoints_are_identical_files(tmp_path):
+    """Two saves of the same tensors (other folders, other names, other temporary files) give the same
+    bytes, so content hashes of checkpoints (run fingerprints, DVC) agree between identical runs."""
+    import hashlib
+
+    state = {"w": torch.arange(12.0).reshape(3, 4), "meta": {"arch": "resnet18"}}
+    atomic_torch_save(state, tmp_path / "a" / "backbone.pth")
+    atomic_torch_save(state, tmp_path / "b" / "backbone.pth")
+    atomic_torch_save(state, tmp_path / "b" / "other.pth")
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*.pth")}
+    assert len(digests) == 1
+    assert torch.equal(torch.load(tmp_path / "a" / "backbone.pth", weights_only=True)["w"], state["w"])
+
+
 def test_atomic_outputs_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:

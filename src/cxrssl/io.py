@@ -117,11 +117,16 @@ def atomic_write_csv(frame, path: str | Path, index: bool = False) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through a temporary file (checkpoints survive a kill mid-write)."""
+    """``torch.save`` through a temporary file (checkpoints survive a kill mid-write).
+
+    torch.save names the records inside its zip archive after the file it is given; the temporary
+    file's random name would make two identical checkpoints differ in their bytes (and in every
+    hash of them: run fingerprints, DVC). Given an open file, torch uses a fixed name instead.
+    """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def atomic_savefig(fig, path: str | Path, **kwargs: Any) -> None:
