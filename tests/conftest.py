@@ -106,13 +106,6 @@ def _link_checkpoint(src: str, dst: str) -> None:
     shutil.copy2(src, dst)
 
 
-def copy_run(src: Path, dst: Path) -> Path:
-    """A copy of a finished run folder (mtimes, symlinks and Snakemake metadata kept), checkpoints
-    hard-linked (see ``_link_checkpoint``)."""
-    shutil.copytree(src, dst, symlinks=True, copy_function=_link_checkpoint, dirs_exist_ok=True)
-    return dst
-
-
 def _checkpoint_stamps(run: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run.rglob("*.pth"))}
 
@@ -129,13 +122,15 @@ def demo_run(tmp_path_factory, tiny_config) -> Path:
 
 @pytest.fixture()
 def demo_copy(demo_run, tmp_path) -> Path:
-    """A private copy of the finished run to modify (``copy_run``), removed after the test.
+    """A private copy of the finished run to modify (mtimes, symlinks and Snakemake metadata kept;
+    checkpoints hard-linked by ``_link_checkpoint``), removed after the test.
 
     Its checkpoints share their bytes with ``demo_run``: a test that rewrote one in place (instead of
     replacing it) would change the shared run under every later test, so that is checked here.
     """
     stamps = _checkpoint_stamps(demo_run)
-    target = copy_run(demo_run, tmp_path / "run")
+    target = tmp_path / "run"
+    shutil.copytree(demo_run, target, symlinks=True, copy_function=_link_checkpoint)
     yield target
     shutil.rmtree(target, ignore_errors=True)  # ~100 MB a copy, even when the test failed
     assert _checkpoint_stamps(demo_run) == stamps, "a checkpoint of demo_run was rewritten in place through a copy"

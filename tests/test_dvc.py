@@ -164,7 +164,7 @@ def dvc_project(demo_run, tmp_path_factory):
     project = tmp / "project"
     _copy_checkout(project)
     shutil.copy2(demo_run / "config.yaml", project / "config.yaml")
-    # real copies, not copy_run's hard links: DVC takes a file with other links for a cache link and
+    # real copies, not demo_copy's hard links: DVC takes a file with other links for a cache link and
     # relinks it, which renews its mtime and makes Snakemake retrain its consumers
     for name in ("data", "results", ".snakemake/metadata"):
         shutil.copytree(demo_run / name, project / name, symlinks=True, dirs_exist_ok=True)
