@@ -60,7 +60,7 @@ rule index_nih:
     threads: workflow.cores
     priority: PRIORITY["prepare"]
     resources:
-        # the cache is written through a memory map; workers hold one 1024 px image each
+        # the cache is written row by row (no memory map); workers hold one 1024 px image each
         mem_mb=lambda wildcards, threads: 1000 + 200 * threads,
         runtime=lambda wildcards, threads: 10 + 112120 // (3000 * threads),
     shell:

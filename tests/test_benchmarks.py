@@ -58,3 +58,32 @@ def test_gpu_sh_stage_time_limit_reports_a_hung_stage(tmp_path):
     assert out["barlowtwins_images_per_s_loader"] is None
     assert out["stages"]["detection"]["status"].startswith("failed (exit")
     assert out["stages"]["detection"]["log_tail"]
+
+
+def test_nih_scale_at_a_tiny_size(tmp_path):
+    """benchmarks/nih_scale.py: the index finds every image of the synthetic tree, figures are positive."""
+    out = tmp_path / "nih_scale.json"
+    cmd = [sys.executable, str(REPO / "benchmarks/nih_scale.py"), "--n", "600", "--cache-sample", "100",
+           "--distinct", "8", "--batch-size", "8", "--loader-workers", "0", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == res
+    assert res["n"] == 600 and res["n_small"] == 37 and res["index_found_all"] is True
+    assert res["index_large"]["images"] == 600 and res["index_small"]["images"] == 37
+    tree = res["tree"]
+    assert tree["folders"] == 12 and tree["train_val"] + tree["test"] == 600 and tree["test"] > 0
+    assert res["cache_w1"]["images"] == 100 and res["cache_small_w1"]["images"] == 25
+    assert abs(res["cache_bytes_per_image"] / res["cache_size"] ** 2 - 1) < 0.01  # rows + the .npy header
+    assert res["cache_speedup_w1"] == 1.0 and res["cache_speedup_w2"] > 0
+    positive = ["index_time_ratio", "index_rss_ratio", "index_rss_kb_per_image", "cache_images_per_s_w1",
+                "cache_images_per_s_w2", "cache_extrapolated_s_w1", "cache_extrapolated_gb", "cache_rss_ratio",
+                "cache_main_rss_ratio", "total_s"]
+    for w in (0, 1):
+        positive += [f"loader_{p}_w{w}" for p in ("cache", "pil", "cache_per_worker", "pil_per_worker", "ratio")]
+    for key in positive:
+        assert isinstance(res[key], float) and res[key] > 0, key
+    for r in (res["index_large"], res["index_small"], res["cache_w1"], res["cache_w2"]):
+        assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
+    assert res["tree"]["disk_mb"] < res["tree"]["apparent_gb"] * 1024  # hard links: the names share 8 files
+    assert not list(tmp_path.glob("cxrssl_nih_scale_*"))  # its work folder is removed
