@@ -307,6 +307,26 @@ def test_input_geometry_is_the_models_own_resize_and_padding():
     assert model.input_geometry(40, 96) == (26, 64, 32, 64)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch8"])
+def test_fpn_channels_set_the_pyramid_rpn_and_roi_widths_and_survive_the_checkpoint(arch):
+    """``fpn_channels`` reaches every level, the RPN head and the box head, and the checkpoint's meta
+    rebuilds the same shapes; meta without the key (older checkpoints) means mmdet's 256."""
+    from cxrssl.detection.model import build_meta, detector_from_meta
+
+    model = build_detector(arch, "random", res=RES, fpn_channels=64)
+    with torch.no_grad():
+        levels = model.backbone(torch.rand(1, 3, RES, RES))
+    assert {k: v.shape[1] for k, v in levels.items()} == {k: 64 for k in levels}
+    assert model.rpn.head.conv[0][0].out_channels == 64
+    assert model.roi_heads.box_head.fc6.in_features == 64 * 7 * 7
+    meta = build_meta(arch, "random", 15, RES, 1, True, "batchnorm", 0.001, fpn_channels=64)
+    assert meta["fpn_channels"] == 64
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in detector_from_meta(meta).state_dict().items()} == shapes
+    old = {k: v for k, v in meta.items() if k != "fpn_channels"}
+    assert detector_from_meta(old).backbone.out_channels == 256
+
+
 # --- data and transforms ---------------------------------------------------------------------
 
 @settings(max_examples=40, deadline=None)

@@ -22,7 +22,8 @@ taken from the ``detection`` config section:
   ``min_size`` :data:`cxrssl.detection.dataset.TRAIN_MIN_SIZE`, the rule the torchvision engine
   applies too (:func:`cxrssl.detection.dataset.training_image_ids`); val/test keep every image.
 * ``rpn_proposals`` is the RPN's ``max_per_img`` in training and testing, ``rois_per_image`` the RoI
-  sampler's ``num``: the same numbers the torchvision engine uses.
+  sampler's ``num``, ``fpn_channels`` the width of the neck, the RPN head and the RoI features:
+  the same numbers the torchvision engine uses.
 * Precision: the detector type is the engine's ``CxrsslFasterRCNN`` (mmdet's FasterRCNN whose
   backbone + neck run under bf16 autocast on ``autocast_device``, the heads in fp32), as the
   torchvision engine; the optimizer wrapper is a plain ``OptimWrapper`` (bf16 needs no loss scale).
@@ -92,6 +93,7 @@ def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any], pret
     """Faster R-CNN R-FPN as mmdet's ``faster-rcnn_r50_fpn.py`` with 14 classes (plain data: the
     engine rebuilds a trained network from this and a checkpoint's JSON meta)."""
     proposals, rois = int(params["rpn_proposals"]), int(params["rois_per_image"])
+    channels = int(params["fpn_channels"])
     return dict(
         type=DETECTOR_TYPE,
         autocast_device=autocast_device,
@@ -104,11 +106,11 @@ def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any], pret
         ),
         backbone=backbone_cfg(arch, checkpoint, params["frozen_stages"], params["norm_eval"],
                               params["random_init_norm"], pretrained),
-        neck=dict(type="FPN", in_channels=FPN_IN_CHANNELS[arch], out_channels=256, num_outs=5),
+        neck=dict(type="FPN", in_channels=FPN_IN_CHANNELS[arch], out_channels=channels, num_outs=5),
         rpn_head=dict(
             type="RPNHead",
-            in_channels=256,
-            feat_channels=256,
+            in_channels=channels,
+            feat_channels=channels,
             anchor_generator=dict(type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0],
                                   strides=[4, 8, 16, 32, 64]),
             bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
@@ -120,12 +122,12 @@ def model_cfg(arch: str, checkpoint: str | None, params: Mapping[str, Any], pret
             bbox_roi_extractor=dict(
                 type="SingleRoIExtractor",
                 roi_layer=dict(type="RoIAlign", output_size=7, sampling_ratio=0),
-                out_channels=256,
+                out_channels=channels,
                 featmap_strides=[4, 8, 16, 32],
             ),
             bbox_head=dict(
                 type="Shared2FCBBoxHead",
-                in_channels=256,
+                in_channels=channels,
                 fc_out_channels=1024,
                 roi_feat_size=7,
                 num_classes=len(VINDR_CLASSES),

@@ -48,6 +48,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cxrssl.classes import VINDR_CLASSES
+from cxrssl.detection.vitdet import FPN_CHANNELS  # the width of both pyramids (mmdet: 256)
 from cxrssl.models.backbone import build_resnet
 
 log = logging.getLogger(__name__)
@@ -272,8 +273,8 @@ class Detector(FasterRCNN):
         return int(rh), int(rw), int(ph), int(pw)
 
 
-def _fpn_backbone(resnet: nn.Module, trainable_layers: int) -> MixedPrecisionFPN:
-    """torchvision's ResNet-FPN extractor (same modules, freezing and widths) as a MixedPrecisionFPN."""
+def _fpn_backbone(resnet: nn.Module, trainable_layers: int, channels: int = FPN_CHANNELS) -> MixedPrecisionFPN:
+    """torchvision's ResNet-FPN extractor (same modules and freezing; ``channels`` wide) as a MixedPrecisionFPN."""
     layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         layers.append("bn1")
@@ -282,29 +283,32 @@ def _fpn_backbone(resnet: nn.Module, trainable_layers: int) -> MixedPrecisionFPN
             parameter.requires_grad_(False)
     width = resnet.inplanes // 8
     return MixedPrecisionFPN(resnet, {f"layer{k}": str(k - 1) for k in range(1, 5)},
-                             [width * 2 ** i for i in range(4)], 256, extra_blocks=LastLevelMaxPool())
+                             [width * 2 ** i for i in range(4)], channels, extra_blocks=LastLevelMaxPool())
 
 
-def _vitdet_backbone(arch: str, init: str, imagenet_weights: str | Path | None, image_size: int) -> nn.Module:
+def _vitdet_backbone(arch: str, init: str, imagenet_weights: str | Path | None, image_size: int,
+                     channels: int = FPN_CHANNELS) -> nn.Module:
     """A registered ViT from ``init`` (built at ``image_size``) under ViTDet's simple feature pyramid."""
     from cxrssl.detection.vitdet import ViTDetBackbone
     from cxrssl.models.backbones import build_backbone
 
-    return ViTDetBackbone(build_backbone(arch, init, imagenet_weights=imagenet_weights, image_size=image_size))
+    return ViTDetBackbone(build_backbone(arch, init, imagenet_weights=imagenet_weights, image_size=image_size),
+                          channels)
 
 
 def _build(arch: str, norm: str, frozen_stages: int, res: int, num_classes: int, score_thr: float,
            rpn_proposals: int = 1000, rois_per_image: int = 512, backbone_init: str = "random",
-           imagenet_weights: str | Path | None = None, vit_image_size: int = VIT_DEFAULT_IMAGE_SIZE) -> Detector:
+           imagenet_weights: str | Path | None = None, vit_image_size: int = VIT_DEFAULT_IMAGE_SIZE,
+           fpn_channels: int = FPN_CHANNELS) -> Detector:
     if is_vit(arch):
         if norm != "layernorm":
             raise ValueError(f"a {arch} detector has norm layernorm, not {norm!r}")
-        backbone = _vitdet_backbone(arch, backbone_init, imagenet_weights, vit_image_size)
+        backbone = _vitdet_backbone(arch, backbone_init, imagenet_weights, vit_image_size, fpn_channels)
     else:
         resnet = build_resnet(arch, backbone_init, imagenet_weights=imagenet_weights, norm_layer=_norm_layer(norm))
         # mmdet puts frozen stages in eval mode; FrozenBatchNorm2d does the same once and for all.
         _freeze_batchnorm(resnet, {name for stage in _STAGES[: frozen_stages + 1] for name in stage})
-        backbone = _fpn_backbone(resnet, trainable_layers_for(frozen_stages))
+        backbone = _fpn_backbone(resnet, trainable_layers_for(frozen_stages), fpn_channels)
     model = Detector(
         backbone,
         num_classes=num_classes,
@@ -334,7 +338,7 @@ def _build(arch: str, norm: str, frozen_stages: int, res: int, num_classes: int,
 def build_detector(arch: str, init: str, num_classes: int = NUM_CLASSES, res: int = 640, frozen_stages: int = 1,
                    norm_eval: bool = True, random_init_norm: str = "batchnorm",
                    imagenet_weights: str | Path | None = None, score_thr: float = 0.001,
-                   rpn_proposals: int = 1000, rois_per_image: int = 512) -> Detector:
+                   rpn_proposals: int = 1000, rois_per_image: int = 512, fpn_channels: int = FPN_CHANNELS) -> Detector:
     """Faster R-CNN + FPN whose backbone starts from ``init`` (random, imagenet or a checkpoint path).
 
     The backbone is the init's (its ``backbone.json`` sidecar, :func:`resolve_arch`), else ``arch``.
@@ -342,14 +346,15 @@ def build_detector(arch: str, init: str, num_classes: int = NUM_CLASSES, res: in
     ``frozen_stages`` and ``norm_eval`` are ResNet settings (a ViT trains whole, its LayerNorms too).
     The random-init arm ignores ``frozen_stages`` and ``norm_eval`` (nothing to preserve).
     ``score_thr`` is the lowest score the model returns; ``rpn_proposals`` is the number of RPN
-    proposals per image (train and test), ``rois_per_image`` only matters in training.
+    proposals per image (train and test), ``rois_per_image`` only matters in training;
+    ``fpn_channels`` is the width of the pyramid, the RPN head and the RoI features (mmdet: 256).
     """
     arch = resolve_arch(arch, init)
     meta = build_meta(arch, init, num_classes, res, frozen_stages, norm_eval, random_init_norm, score_thr,
-                      rpn_proposals, rois_per_image)
+                      rpn_proposals, rois_per_image, fpn_channels)
     model = _build(arch, meta["norm"], meta["frozen_stages"], res, num_classes, score_thr,
                    rpn_proposals, rois_per_image, backbone_init=init, imagenet_weights=imagenet_weights,
-                   vit_image_size=meta.get("vit_image_size", VIT_DEFAULT_IMAGE_SIZE))
+                   vit_image_size=meta.get("vit_image_size", VIT_DEFAULT_IMAGE_SIZE), fpn_channels=fpn_channels)
     log.info("built Faster R-CNN %s init=%s norm=%s frozen_stages=%d res=%d", arch, init, meta["norm"],
              meta["frozen_stages"], res)
     return model
@@ -357,7 +362,7 @@ def build_detector(arch: str, init: str, num_classes: int = NUM_CLASSES, res: in
 
 def build_meta(arch: str, init: str, num_classes: int, res: int, frozen_stages: int, norm_eval: bool,
                random_init_norm: str, score_thr: float, rpn_proposals: int = 1000,
-               rois_per_image: int = 512) -> dict[str, Any]:
+               rois_per_image: int = 512, fpn_channels: int = FPN_CHANNELS) -> dict[str, Any]:
     """The architecture arguments stored in every torchvision-engine checkpoint (``arch`` is the one
     built: pass it through :func:`resolve_arch`). A ViT's also say the image size its encoder was
     built at (the grid of its stored position embedding) and its patch size."""
@@ -379,6 +384,7 @@ def build_meta(arch: str, init: str, num_classes: int, res: int, frozen_stages: 
         "score_thr": float(score_thr),
         "rpn_proposals": int(rpn_proposals),
         "rois_per_image": int(rois_per_image),
+        "fpn_channels": int(fpn_channels),
         "classes": list(VINDR_CLASSES),
         **extra,
     }
@@ -393,7 +399,8 @@ def detector_from_meta(meta: dict[str, Any], score_thr: float | None = None) -> 
     return _build(meta["arch"], meta["norm"], meta["frozen_stages"], meta["res"], meta["num_classes"],
                   meta["score_thr"] if score_thr is None else float(score_thr),
                   meta.get("rpn_proposals", 1000), meta.get("rois_per_image", 512),
-                  vit_image_size=int(meta.get("vit_image_size", VIT_DEFAULT_IMAGE_SIZE)))
+                  vit_image_size=int(meta.get("vit_image_size", VIT_DEFAULT_IMAGE_SIZE)),
+                  fpn_channels=int(meta.get("fpn_channels", FPN_CHANNELS)))
 
 
 def load_trained_detector(checkpoint_path: str | Path, device: str | torch.device = "cpu"

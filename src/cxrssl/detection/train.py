@@ -134,7 +134,8 @@ def build_plan(settings: dict, train_json: str | Path, init: str, res: int, seed
     model = build_detector(s["arch"], init, num_classes=NUM_CLASSES, res=res, frozen_stages=s["frozen_stages"],
                            norm_eval=s["norm_eval"], random_init_norm=s["random_init_norm"],
                            imagenet_weights=imagenet_weights, score_thr=s["score_thr"],
-                           rpn_proposals=s["rpn_proposals"], rois_per_image=s["rois_per_image"])
+                           rpn_proposals=s["rpn_proposals"], rois_per_image=s["rois_per_image"],
+                           fpn_channels=s["fpn_channels"])
     autocast = autocast_device_for(device_type or device.type, bool(s["amp"]))
     set_precision(model, autocast)
     model.to(device)
@@ -187,7 +188,8 @@ def _train(train_json, val_json, test_json, out_dir, init, res, seed, s, imagene
     input_size, bit_depth = input_format(train_json)
     arch = resolve_arch(s["arch"], init)  # the init's own arch (backbone.json), else detection.arch
     arch_meta = build_meta(arch, init, NUM_CLASSES, res, s["frozen_stages"], s["norm_eval"],
-                           s["random_init_norm"], s["score_thr"], s["rpn_proposals"], s["rois_per_image"])
+                           s["random_init_norm"], s["score_thr"], s["rpn_proposals"], s["rois_per_image"],
+                           s["fpn_channels"])
     meta = make_meta("torchvision", arch=arch, init=init, init_name=init_name, res=res, seed=seed,
                      settings=s, input_size=input_size, input_bit_depth=bit_depth,
                      **{k: v for k, v in arch_meta.items() if k not in ("arch", "init", "res", "num_classes", "classes")})

@@ -38,6 +38,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 #: Output strides of the four pyramid levels before P6 (ViTDet's P2..P5).
 STRIDES = (4, 8, 16, 32)
+#: Width of the pyramid levels, the RPN head and the RoI features (mmdet R50-FPN: 256; `detection.fpn_channels`).
 FPN_CHANNELS = 256
 
 
