@@ -96,6 +96,9 @@ def dicom_seeds(folder: Path) -> dict[str, Path]:
         "implicit": make_dicom(folder / "implicit.dcm", px, syntax=ImplicitVRLittleEndian),
         "bigendian": make_dicom(folder / "big.dcm", px, syntax=ExplicitVRBigEndian),
         "j2k": make_dicom(folder / "j2k.dcm", image(40, 48, 12, 2), compress=JPEG2000Lossless),
+        # converted at 32 px, this one is decoded at resolution level 1 (cxrssl.data.dicom.reduced_level)
+        "j2k_level1": make_dicom(folder / "j2k_level1.dcm", image(80, 96, 12, 4), compress=JPEG2000Lossless,
+                                 photometric="MONOCHROME1"),
         "rle": make_dicom(folder / "rle.dcm", image(40, 48, 12, 3), compress=RLELossless),
     }
     lut = Dataset()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 KEYS = {"dry", "gpus", "stages", "barlowtwins_images_per_s_loader", "barlowtwins_images_per_s_in_memory",
@@ -87,3 +88,34 @@ def test_nih_scale_at_a_tiny_size(tmp_path):
         assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
     assert res["tree"]["disk_mb"] < res["tree"]["apparent_gb"] * 1024  # hard links: the names share 8 files
     assert not list(tmp_path.glob("cxrssl_nih_scale_*"))  # its work folder is removed
+
+
+def test_convert_dicom_benchmark_prints_one_json_object_of_consistent_figures(tmp_path):
+    """benchmarks/convert_dicom.py at a tiny size: its keys, and each figure consistent with its parts."""
+    cmd = [sys.executable, str(REPO / "benchmarks/convert_dicom.py"), "--n-files", "3", "--height", "400", "--width",
+           "320", "--size", "128", "--j2k-every", "2", "--memory-factor", "2", "--json", str(tmp_path / "c.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)  # the table goes to stderr
+    assert json.loads((tmp_path / "c.json").read_text()) == out
+    assert out["n_files"] == 3 and out["j2k_files"] == 2 and out["bits"] == [12, 14, 16]
+    one, two = out["pipeline"]["1"], out["pipeline"]["2"]
+    many_one, many_two = out["pipeline_many"]["1"], out["pipeline_many"]["2"]
+    assert one["converted"] == two["converted"] == 3 and many_one["converted"] == many_two["converted"] == 6
+    assert out["cached"]["converted"] == 0
+    assert out["pipeline_vs_naive_cpu"] == out["naive"]["cpu_s"] / one["cpu_s"]
+    assert out["images_per_s_per_core_pipeline"] == pytest.approx(1 / out["cpu_s_per_image_pipeline"])
+    assert out["speedup_1_to_workers"] == {"2": one["seconds"] / two["seconds"]}
+    assert out["cpu_s_per_extra_image_pipeline"] == pytest.approx((many_one["cpu_s"] - one["cpu_s"]) / 3)
+    per_file = {w: (out["pipeline_many"][w]["seconds"] - out["pipeline"][w]["seconds"]) / 3 for w in ("1", "2")}
+    assert out["speedup_1_to_workers_per_extra_file"]["2"] == pytest.approx(per_file["1"] / per_file["2"])
+    hours = out["hours_18000_files"]  # the 3-file run, then 17,997 files at the cost of one more
+    assert hours["1_worker"] == pytest.approx((one["seconds"] + per_file["1"] * 17997) / 3600)
+    assert hours["2_workers"] == pytest.approx((two["seconds"] + per_file["2"] * 17997) / 3600)
+    assert hours["2_workers_cpu_bound"] == pytest.approx(18000 * out["cpu_s_per_extra_image_pipeline"] / 2 / 3600)
+    # the JPEG 2000 files were decoded at level 1 (200 x 160 covers 128 x 102), close to the full decode
+    assert out["j2k_reduced_shapes"] == [[200, 160]]
+    assert 0 < out["j2k_png_mean_abs_diff_8bit"] <= 1.0 and out["j2k_png_max_abs_diff_8bit"] <= 6
+    assert out["j2k_reduced_vs_full_decode_cpu"] > 0 and out["j2k_reduced_vs_full_conversion_cpu"] > 0
+    assert out["memory_mb"]["files_many"] == 6
+    assert not list(tmp_path.glob("cxrssl_bench_*"))  # its work folder is removed

@@ -1,8 +1,9 @@
 """Convert VinDr-CXR DICOMs to resized PNGs plus the ``metadata.csv`` contract table.
 
-Per image: :func:`cxrssl.data.dicom.read_dicom` (VOI, MONOCHROME1 inversion), resize so the
-longest side is ``size`` (aspect kept, ``cv2.INTER_AREA``, in float), min-max to 8 or 16 bits,
-PNG via cv2, written atomically. Files are spread over ``workers`` processes
+Per image: :func:`cxrssl.data.dicom.read_dicom` (VOI, MONOCHROME1 inversion; JPEG 2000 decoded at
+the coarsest resolution level that still covers ``size``, unless ``j2k_reduce`` is false), resize
+so the longest side is ``size`` (aspect kept, ``cv2.INTER_AREA``, in float), min-max to 8 or 16
+bits, PNG via cv2, written atomically. Files are spread over ``workers`` processes
 (:func:`cxrssl.data.workers.run_tasks`); only small metadata rows travel back, so memory stays
 flat whatever the number of files.
 
@@ -45,7 +46,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cxrssl.data.dicom import DEFAULT_MAX_DECODED_MB, read_dicom
+from cxrssl.data.dicom import DEFAULT_MAX_DECODED_MB, REDUCIBLE_SYNTAXES, read_dicom, scaled_shape
 from cxrssl.data.workers import FATAL, TaskFailed, run_tasks
 from cxrssl.errors import BadInputError, Quarantine
 from cxrssl.io import atomic_write_bytes, atomic_write_csv, exclusive_lock
@@ -61,7 +62,7 @@ METADATA_COLUMNS = [
 ]
 #: Per-folder cache record (hidden so that globbing the PNGs never sees it).
 CACHE_INDEX_NAME = ".convert_index.csv"
-_CACHE_COLUMNS = METADATA_COLUMNS + ["source", "size", "bit_depth"]
+_CACHE_COLUMNS = METADATA_COLUMNS + ["source", "size", "bit_depth", "j2k_reduce"]
 DICOM_SUFFIXES = (".dicom", ".dcm")
 #: Seconds between cache-record flushes, so a killed run keeps most of its work.
 FLUSH_EVERY_S = 60.0
@@ -102,10 +103,12 @@ def find_dicoms(folders: Iterable[str | Path]) -> list[Path]:
 
 
 def to_display_png(image: np.ndarray, size: int, bit_depth: int, item: str = "image",
-                   source_bits: int = 16) -> tuple[np.ndarray, float]:
+                   source_bits: int = 16, orig_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
     """Resize so the longest side is ``size`` (INTER_AREA) and min-max scale to ``bit_depth`` bits.
 
     Returns ``(array, scale)`` with ``array`` uint8/uint16 and converted = original * scale.
+    ``orig_shape`` is the original image's ``(height, width)`` when ``image`` is a reduced
+    resolution level of it: the output size and ``scale`` are those of the original.
     Resizing happens in float before quantisation so no precision is lost twice. A blank image
     is refused BEFORE resizing (a constant image leaves the float resize with 1e-7 ripples that
     min-max stretching would blow up into full-range noise): blank means a value range below one
@@ -120,10 +123,10 @@ def to_display_png(image: np.ndarray, size: int, bit_depth: int, item: str = "im
         raise BadInputError(item, "non-finite pixel values")
     if hi - lo <= max(abs(lo), abs(hi), 1.0) * 2.0 ** -source_bits:
         raise BadInputError(item, f"blank image: every pixel has the same value ({lo:g}..{hi:g}) after the VOI transform")
-    height, width = image.shape
+    height, width = orig_shape or image.shape
     scale = size / max(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC  # AREA is for shrinking
+    new_h, new_w = scaled_shape(height, width, size)
+    interp = cv2.INTER_AREA if size < max(image.shape) else cv2.INTER_CUBIC  # AREA is for shrinking
     resized = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (new_w, new_h), interpolation=interp)
     lo, hi = float(resized.min()), float(resized.max())
     if not hi > lo:  # resizing averaged the only contrast away (e.g. a single bright pixel)
@@ -161,10 +164,11 @@ def _convert_one(task: tuple) -> tuple:
     written: not the file's fault). Plain tuples travel back (BadInputError's two-argument
     constructor does not survive pickling).
     """
-    src, png, size, bit_depth, max_decoded_mb = task
+    src, png, size, bit_depth, max_decoded_mb, j2k_reduce = task
     try:
-        image, meta = read_dicom(src, max_decoded_mb=max_decoded_mb)
-        array, scale = to_display_png(image, size, bit_depth, item=src, source_bits=int(meta["bits_stored"]))
+        image, meta = read_dicom(src, max_decoded_mb=max_decoded_mb, longest_side=size if j2k_reduce else None)
+        array, scale = to_display_png(image, size, bit_depth, item=src, source_bits=int(meta["bits_stored"]),
+                                      orig_shape=(meta["orig_height"], meta["orig_width"]))
         del image
     except BadInputError as exc:
         return ("bad", exc.reason)
@@ -190,22 +194,25 @@ def _read_cache(out_dir: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         log.warning("cache record %s unreadable (%s): converting everything again", path, exc)
         return pd.DataFrame(columns=_CACHE_COLUMNS)
+    if list(frame.columns) == _CACHE_COLUMNS[:-1]:  # written before j2k_reduce existed: full decodes
+        frame["j2k_reduce"] = False
     if list(frame.columns) != _CACHE_COLUMNS:
         log.warning("cache record %s has other columns (older version?): converting everything again", path)
         return pd.DataFrame(columns=_CACHE_COLUMNS)
     return frame
 
 
-def _cache_hit(record: dict | None, stat: os.stat_result, size: int, bit_depth: int,
+def _cache_hit(record: dict | None, stat: os.stat_result, size: int, bit_depth: int, j2k_reduce: bool,
                png: Path) -> bool:
     # Identity is (image_id, folder, size, mtime), not the absolute path: a moved or copied
-    # checkout (or dataset) keeps its cache.
+    # checkout (or dataset) keeps its cache. j2k_reduce only changes JPEG 2000 PNGs.
     return (
         record is not None
         and int(record["source_size"]) == stat.st_size
         and abs(float(record["source_mtime"]) - stat.st_mtime) < 1e-6
         and int(record["size"]) == size
         and int(record["bit_depth"]) == bit_depth
+        and (str(record["transfer_syntax"]) not in REDUCIBLE_SYNTAXES or str(record["j2k_reduce"]) == str(j2k_reduce))
         and png.is_file()
     )
 
@@ -221,6 +228,7 @@ def convert_dicoms(
     max_decoded_mb: float = DEFAULT_MAX_DECODED_MB,
     ids: Pseudonymizer | None = None,
     timeout_s: float = FILE_TIMEOUT_S,
+    j2k_reduce: bool = True,
 ) -> ConvertResult:
     """Convert ``dicom_paths`` to PNGs in ``out_dir`` and write ``metadata_csv`` (see module doc).
 
@@ -229,7 +237,8 @@ def convert_dicoms(
     files go to ``quarantine`` (policy ``fail`` raises on the first one); two files with the same
     stem are a bad input too. Unchanged files whose PNG is cached are not decoded again.
     ``workers`` processes convert (0: in this process, without crash isolation); frames larger
-    than ``max_decoded_mb`` are refused before decoding.
+    than ``max_decoded_mb`` are refused before decoding. ``j2k_reduce``: decode JPEG 2000 at the
+    coarsest resolution level that still covers ``size`` (:func:`cxrssl.data.dicom.reduced_level`).
     """
     quarantine = quarantine if quarantine is not None else Quarantine("fail", stage="convert_dicom")
     ids = ids if ids is not None else Pseudonymizer(enabled=False)
@@ -239,7 +248,7 @@ def convert_dicoms(
             exclusive_lock(metadata_csv.with_name(f".{metadata_csv.name}.lock"), str(metadata_csv)):
         try:
             result = _convert_locked(dicom_paths, out_dir, metadata_csv, size, bit_depth, workers, quarantine,
-                                     max_decoded_mb, ids, timeout_s)
+                                     max_decoded_mb, ids, timeout_s, j2k_reduce)
         except BaseException:
             try:  # a failed run's message names its file by pseudonym: the mapping must be there too
                 ids.write_mapping("convert")
@@ -252,7 +261,7 @@ def convert_dicoms(
 
 def _convert_locked(dicom_paths, out_dir: Path, metadata_csv: Path, size: int, bit_depth: int, workers: int,
                     quarantine: Quarantine, max_decoded_mb: float, ids: Pseudonymizer,
-                    timeout_s: float) -> ConvertResult:
+                    timeout_s: float, j2k_reduce: bool) -> ConvertResult:
     metadata_csv.unlink(missing_ok=True)  # never leave a stale table claiming completeness
     png_base = os.path.relpath(out_dir.resolve(), metadata_csv.parent.resolve())
 
@@ -287,17 +296,18 @@ def _convert_locked(dicom_paths, out_dir: Path, metadata_csv: Path, size: int, b
             "image_id": image_id, "source_split": split, "png": Path(png_base, png.name).as_posix(),
             "source_size": stat.st_size, "source_mtime": stat.st_mtime,
             "source": "" if ids.enabled else f"{split}/{path.name}",  # relative: no site paths stored
-            "size": size, "bit_depth": bit_depth,
+            "size": size, "bit_depth": bit_depth, "j2k_reduce": j2k_reduce,
         }
         record = cache_by_key.get((image_id, split))
-        if _cache_hit(record, stat, size, bit_depth, png):
+        if _cache_hit(record, stat, size, bit_depth, j2k_reduce, png):
             rows[image_id] = {**record, **base}
             result.cached.append(image_id)
         else:
-            tasks.append((str(path), str(png), size, bit_depth, max_decoded_mb))
+            tasks.append((str(path), str(png), size, bit_depth, max_decoded_mb, j2k_reduce))
             task_rows.append((path, base))
-    log.info("%d DICOMs: %d cached, %d to convert (size %d, %d-bit, %d workers, frames up to %g MB)",
-             len(seen), len(result.cached), len(tasks), size, bit_depth, workers, max_decoded_mb)
+    log.info("%d DICOMs: %d cached, %d to convert (size %d, %d-bit, %d workers, frames up to %g MB, JPEG 2000 at "
+             "%s resolution)", len(seen), len(result.cached), len(tasks), size, bit_depth, workers, max_decoded_mb,
+             "reduced" if j2k_reduce else "full")
 
     def flush() -> None:
         frame = pd.DataFrame(list(rows.values()), columns=_CACHE_COLUMNS).sort_values("image_id")
@@ -360,7 +370,8 @@ def _convert_locked(dicom_paths, out_dir: Path, metadata_csv: Path, size: int, b
 def run_convert(dicoms: Iterable[str | Path], dicom_dirs: Iterable[str | Path], out_dir: str | Path,
                 metadata_csv: str | Path, quarantine_csv: str | Path, size: int = 1024, bit_depth: int = 8,
                 workers: int = 1, on_bad_input: str = "fail", max_decoded_mb: float = DEFAULT_MAX_DECODED_MB,
-                pseudonymize_ids: bool = False, private_dir: str | Path | None = None) -> ConvertResult:
+                j2k_reduce: bool = True, pseudonymize_ids: bool = False,
+                private_dir: str | Path | None = None) -> ConvertResult:
     """The convert stage: DICOMs given as files and/or folders -> PNGs, metadata and quarantine CSV."""
     dicoms, dicom_dirs = list(dicoms), list(dicom_dirs)
     paths = sorted({Path(p) for p in dicoms} | set(find_dicoms(dicom_dirs)))
@@ -370,7 +381,7 @@ def run_convert(dicoms: Iterable[str | Path], dicom_dirs: Iterable[str | Path], 
     Path(quarantine_csv).unlink(missing_ok=True)
     ids = Pseudonymizer(pseudonymize_ids, private_dir)
     result = convert_dicoms(paths, out_dir, metadata_csv, size=size, bit_depth=bit_depth, workers=workers,
-                            quarantine=quarantine, max_decoded_mb=max_decoded_mb, ids=ids)
+                            quarantine=quarantine, max_decoded_mb=max_decoded_mb, ids=ids, j2k_reduce=j2k_reduce)
     quarantine.write(quarantine_csv)
     if result.metadata.empty:
         raise BadInputError(str(out_dir), f"none of the {len(paths)} DICOMs could be converted (see {quarantine_csv})")
