@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from cxrssl.errors import BadInputError
-from cxrssl.headline import BEGIN, END, headline, main, update_readme
+from cxrssl.determinism import machine_kind
+from cxrssl.headline import BEGIN, END, compare, headline, machine_of, main, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,40 @@ def test_readme_block_is_replaced_and_checked(summaries):
     assert main(["--headline", str(summaries / "headline.md"), "--readme", str(readme)]) == 0
     assert main(["--headline", str(summaries / "headline.md"), "--readme", str(readme), "--check"]) == 0
     assert main(["--headline", str(summaries / "missing.md"), "--readme", str(readme), "--check"]) == 2
+
+
+def test_readme_check_compares_every_figure_on_the_same_kind_of_machine_and_the_tables_on_another(summaries):
+    """Bit-identical figures are a same-machine-kind promise: on another kind the check still
+    fails for any change to the tables (rows, labels, columns), but not for figures alone."""
+    readme = summaries / "README.md"
+    readme.write_text(f"# x\n{BEGIN}\nold\n{END}\n")
+    run = headline([("bt", summaries / "bt.csv")], summaries / "linear.md", machine="kind A")
+    assert machine_of(run) == "kind A" and run.rstrip().endswith("*Computed on: kind A.*")
+    assert main(["--headline", _write(summaries, "a.md", run), "--readme", str(readme)]) == 0
+    drifted = run.replace("0.600 [0.550, 0.650]", "0.612 [0.550, 0.661]")
+    assert compare(run, drifted) == (True, True, 2)
+    assert main(["--headline", _write(summaries, "b.md", drifted), "--readme", str(readme), "--check"]) == 1
+    elsewhere = drifted.replace("kind A", "kind B")
+    assert compare(run, elsewhere) == (False, True, 2)
+    assert main(["--headline", _write(summaries, "c.md", elsewhere), "--readme", str(readme), "--check"]) == 0
+    for changed in (elsewhere.replace("| random |", "| imagenet |"), elsewhere + "| extra | 1 |\n",
+                    elsewhere.replace("5 % labels", "10 % labels")):
+        assert compare(run, changed)[1] is False
+        assert main(["--headline", _write(summaries, "d.md", changed), "--readme", str(readme), "--check"]) == 1
+    unrecorded = run.replace("*Computed on: kind A.*", "")  # a README from before the machine line
+    readme.write_text(f"# x\n{BEGIN}\n{unrecorded}\n{END}\n")
+    assert compare(unrecorded, run)[:2] == (False, True)
+
+
+def test_machine_kind_names_the_processor_caches_kernels_and_torch():
+    kind = machine_kind()
+    assert "torch " in kind and ("AVX2 kernels (pinned)" in kind or "native kernels" in kind)
+    assert kind == machine_kind()  # a property of the machine, not of the call
+
+
+def _write(folder: Path, name: str, text: str) -> str:
+    (folder / name).write_text(text)
+    return str(folder / name)
 
 
 def test_readme_without_markers_is_refused(tmp_path):

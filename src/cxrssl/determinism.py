@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
 
@@ -45,3 +46,52 @@ def pin_cpu_kernels() -> dict[str, str]:
     for key, value in PINNED.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in PINNED}
+
+
+def _cache_sizes() -> str:
+    """``L1d 48K L2 2048K L3 491520K`` of cpu0 (Linux sysfs), or '' where it is not readable."""
+    out = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            out.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return " ".join(out)
+
+
+def _cpu_model() -> str:
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        return platform.processor() or "unknown processor"
+    if not fields:
+        return platform.processor() or "unknown processor"
+    return f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')} " \
+           f"stepping {fields.get('stepping', '?')}"
+
+
+def machine_kind() -> str:
+    """What a CPU run's floats depend on beyond the config and seed: the processor (vendor, family,
+    model, stepping), its caches (oneDNN sizes its convolution blocks to them), the kernels in use
+    (pinned or native) and the torch version. Two runs with the same string compute the same numbers."""
+    import importlib.metadata
+
+    pinned = {k: os.environ.get(k) for k in PINNED}
+    kernels = "AVX2 kernels (pinned)" if pinned == PINNED else "native kernels"
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "?"
+    caches = _cache_sizes()
+    return ", ".join(p for p in (f"{platform.machine()} {_cpu_model()}", f"caches {caches}" if caches else "",
+                                 kernels, f"torch {torch_version}") if p)
