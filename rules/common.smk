@@ -204,10 +204,46 @@ def imagenet_flag(arch=None):
     return f"--imagenet-weights {shlex.quote(path)}" if path else ""
 
 
-def torch_launcher(wildcards, resources):
-    """How a training script starts: torchrun (`python -m torch.distributed.run`, the rule's
-    interpreter) with one DDP process per GPU when the job has >= 2 GPUs, else the interpreter."""
-    gpus = int(resources.get("gpu", 0) or 0)
+# Rank 0's host and a port of the job for the srun-launched ranks (torch's env:// rendezvous). The
+# jobstep plugin removes SLURM_JOB_NODELIST from the rule's shell, so the node list comes from squeue;
+# srun places task 0 on its first node. The port (15000-29999, below Linux's ephemeral range) is
+# derived from the job id, so two DDP jobs sharing a first node do not collide.
+SLURM_RENDEZVOUS = (
+    ': "${SLURM_JOB_ID:?resources tasks or tasks_per_node start one rank per SLURM task: run with --profile profiles/slurm}"; '
+    'MASTER_ADDR=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N)" | sed -n 1p); '
+    "MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000)); export MASTER_ADDR MASTER_PORT; "
+)
+
+
+def torch_launcher(wildcards, resources, threads):
+    """How a DDP training script starts (docs/cluster.md, "Several GPUs or nodes").
+
+    * `tasks: N`, or `tasks_per_node: n` with `nodes: M`, for >= 2 ranks (SLURM profile, with
+      `mpi: "srun"`): `srun` starts one rank per SLURM task, each with the rule's threads as its
+      CPUs; ranks read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (cxrssl.runtime.init_distributed),
+      NCCL on cuda:SLURM_LOCALID when they have GPUs, else gloo on CPU. One task per GPU is the usual layout.
+    * `gpu: N` >= 2 in one task: torchrun (the rule's interpreter) with one process per GPU.
+    * otherwise the interpreter. The config's batch size stays the global batch in every case.
+    """
+    def number(key):
+        return int(resources.get(key, 0) or 0)
+
+    nodes, per_node = number("nodes"), number("tasks_per_node")
+    tasks = number("tasks") or per_node * max(nodes, 1)
+    if tasks >= 2:
+        if resources.get("mpi") != "srun":
+            raise WorkflowError(
+                f"resources: {tasks} tasks need mpi: \"srun\" too: without it the SLURM plugin runs the job as one"
+                " srun task, and the rule's own srun, which starts the ranks, waits forever for that task's CPUs")
+        if number("gpu") and number("tasks") and not number("tasks_per_gpu"):
+            raise WorkflowError(  # snakemake-executor-plugin-slurm 2.8.0 reads tasks as --ntasks-per-gpu then
+                f"resources: gpu with tasks: {tasks} needs tasks_per_gpu: 1 (one rank per GPU), or use"
+                " tasks_per_node with gres: \"gpu:<per node>\" instead of gpu")
+        layout = f"--ntasks={tasks}" + (f" --nodes={nodes}" if nodes else "") + (
+            f" --ntasks-per-node={per_node}" if per_node else "")
+        return (f'{SLURM_RENDEZVOUS}srun {layout} --cpus-per-task={number("cpus_per_task") or threads}'
+                ' --kill-on-bad-exit=1 "$CXRSSL_PY"')
+    gpus = number("gpu")
     if gpus >= 2:
         return f'"$CXRSSL_PY" -m torch.distributed.run --standalone --nproc_per_node={gpus}'
     return '"$CXRSSL_PY"'
@@ -218,10 +254,10 @@ def detection_env(wildcards):
     return DETECTION_ENGINE_RULE[wildcards.engine]["env"]
 
 
-def detection_launcher(wildcards, resources):
-    """torchrun for engines that run DDP themselves (torchvision), else the rule's interpreter."""
+def detection_launcher(wildcards, resources, threads):
+    """torch_launcher for engines that run DDP themselves (torchvision), else the rule's interpreter."""
     if DETECTION_ENGINE_RULE[wildcards.engine]["torchrun"]:
-        return torch_launcher(wildcards, resources)
+        return torch_launcher(wildcards, resources, threads)
     return '"$CXRSSL_PY"'
 
 

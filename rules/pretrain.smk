@@ -7,7 +7,8 @@
 # removes only declared outputs before a rerun (and after a failure or for --rerun-incomplete), so
 # an interrupted or killed job resumes from its last checkpoint when the rule runs again. The
 # script resumes only a checkpoint with the same settings, data and initial weights, and not a
-# finished one. resources.gpu >= 2 launches one DDP process per GPU through torchrun.
+# finished one. resources.gpu >= 2 launches one DDP process per GPU through torchrun; SLURM tasks
+# (tasks or tasks_per_node, with mpi: "srun") one rank per task through srun (torch_launcher).
 
 PRETRAIN_METRICS = f"{PRETRAIN_DIR}/metrics.csv"
 PRETRAIN_PLOT = f"{PRETRAIN_DIR}/loss.png"

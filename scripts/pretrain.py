@@ -4,6 +4,8 @@
 Single process:  python scripts/pretrain.py --method M --index I --cache C --out-dir D [settings]
 Several GPUs:    torchrun --standalone --nproc_per_node=N scripts/pretrain.py ... (DDP; --batch-size
                  is the global batch, split across the N processes)
+Several nodes:   srun -n N python scripts/pretrain.py ... (one rank per SLURM task; MASTER_ADDR and
+                 MASTER_PORT set by the job, as the rules' torch_launcher does)
 
 Shared settings are the `pretrain` section's flags; the method's own come from its block
 `pretrain.<method>` (see `--method M --help`). Rerunning after an interruption resumes from
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imagenet-weights", default=None,
                         help="Local ImageNet state dict of the method's arch (for init imagenet on offline machines).")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch, shared by all ranks.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch, shared by torchrun's ranks on a node (each srun task's own).")
     parser.add_argument("--checkpoint", default=None, help="Checkpoint file (default: OUT_DIR/checkpoint.pth).")
     parser.add_argument("--no-resume", action="store_true", help="Ignore an existing checkpoint and start over.")
     parser.add_argument("--stop-after-steps", type=int, default=None,

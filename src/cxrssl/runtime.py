@@ -97,15 +97,17 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
     Ranks come from torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or from srun-launched
     SLURM tasks (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` with ``MASTER_ADDR`` /
-    ``MASTER_PORT`` set by the job). ``device``: ``cpu``, ``cuda``, ``cuda:N`` or None (CUDA when
-    available); with several processes each takes ``cuda:LOCAL_RANK``.
+    ``MASTER_PORT`` set by the job: the rules' ``torch_launcher``). ``device``: ``cpu``, ``cuda``,
+    ``cuda:N`` or None (CUDA when available); with several processes each takes
+    ``cuda:LOCAL_RANK``, modulo the GPUs it sees (a task that SLURM bound to one GPU sees it as 0).
     """
     world, rank, local = _rank_env()
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for but CUDA is not available")
-        dev = torch.device("cuda", local) if world > 1 or kind == "cuda" else torch.device(kind)
+        dev = (torch.device("cuda", local % torch.cuda.device_count()) if world > 1 or kind == "cuda"
+               else torch.device(kind))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(kind)
@@ -200,10 +202,11 @@ def configure_threads(threads: int | None, world_size: int | None = None) -> int
     """Fix torch's CPU thread counts for this process; returns the intra-op count.
 
     ``threads`` is the job's budget shared by all ranks on the node (None: leave torch's
-    default); ``world_size`` defaults to torchrun's ``LOCAL_WORLD_SIZE`` (1 without it). CPU reductions split their work by thread count, so the count is part of what
-    makes a CPU result reproducible: rules pass a count from the config, never the number of
-    cores a scheduler happened to grant. The inter-op pool gets one thread (the loops here run
-    no parallel graph branches).
+    default); ``world_size`` defaults to torchrun's ``LOCAL_WORLD_SIZE`` (1 without it: one
+    process, or srun-launched SLURM tasks, each with CPUs of its own). CPU reductions split their
+    work by thread count, so the count is part of what makes a CPU result reproducible: rules
+    pass a count from the config, never the number of cores a scheduler happened to grant. The
+    inter-op pool gets one thread (the loops here run no parallel graph branches).
     """
     if not threads:
         return torch.get_num_threads()

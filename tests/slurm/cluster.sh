@@ -35,7 +35,9 @@ start() {
     local node cpus mem port
     port=${SLURM_TEST_PORT:-16817}
     node=$(hostname -s)
-    cpus=$(nproc)
+    # the CPUs this machine lets us use; GNU nproc would report OMP_NUM_THREADS instead when set
+    # (OMP_NUM_THREADS=1 gave a 1-CPU node, on which 2-CPU jobs pend forever: PartitionConfig)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # Leave headroom: slurmd refuses a node whose configured memory exceeds what it sees.
     mem=$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) * 9 / 10 ))
     cat > "$dir/slurm.conf" <<CONF
