@@ -353,6 +353,19 @@ def test_resume_after_kill_is_bit_identical(corpus, tmp_path):
     assert settings_back == MultimodalSettings.from_dict(s)
     emb = model.embed_sentences(["There is a nodule."])
     assert emb.shape == (1, 16) and torch.isfinite(emb).all()
+    # the image-report space: the prompt as a report, and the global head at every location, whose
+    # mean is the image's global embedding (the map is the CAM of the image-report similarity)
+    batch = model.text.collate([model.text.tokenize(["There is a nodule."])])
+    report, _, _ = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["sentence_ids"])
+    torch.testing.assert_close(model.embed_sentences(["There is a nodule."], "global"), report)
+    with pytest.raises(ValueError, match="space"):
+        model.embed_sentences(["There is a nodule."], "pixel")
+    x = torch.rand(2, 3, settings_back.image_size, settings_back.image_size)
+    with torch.no_grad():
+        dense, grid = model.image.dense_global(x)
+        glob, regions, grid_local = model.image(x)
+    assert grid == grid_local and dense.shape == (2, grid[0] * grid[1], glob.shape[1])
+    torch.testing.assert_close(dense.mean(1), glob, rtol=1e-5, atol=1e-5)
 
     # zero-shot localisation end to end on the held-out set, every box layout (functional: this
     # tiny model has not learned to localise)
@@ -361,7 +374,7 @@ def test_resume_after_kill_is_bit_identical(corpus, tmp_path):
     for boxes in ("nih", "rsna", "ms_cxr"):
         summary = demo_localisation(corpus[2], full.parent, tmp_path / f"zs_{boxes}", n_boot=20, val_fraction=0.5,
                                     boxes=boxes)
-        assert set(summary["source"]) == {"model", "random", "centre"}
+        assert set(summary["source"]) == {"model", "model_global", "random", "centre"}
         assert set(summary["query"]) == ({"prompt", "sentence"} if boxes == "ms_cxr" else {"prompt"})
         assert summary["mean"].notna().all() and (summary["ci_low"] <= summary["mean"] + 1e-12).all()
         scores = pd.read_csv(tmp_path / f"zs_{boxes}" / "scores.csv")

@@ -61,13 +61,14 @@ def test_zero_shot_scores_baselines_and_cis(mm_run):
     assert loc["boxes"] == "nih" and loc["threshold_chosen_on"] == "val"
     assert loc["val_items"] > 0 and loc["test_items"] > 0
     sources = loc["queries"]["prompt"]
-    assert set(sources) == {"model", "random", "centre"}
+    assert set(sources) == {"model", "model_global", "random", "centre"}
     for source in sources.values():
         assert 0.05 <= source["threshold"] <= 0.95
         for metric in ("energy_in_box", "pointing_game", "iou", "dice", "cnr"):
             score = source["scores"][metric]
             assert score["ci"][0] <= score["mean"] <= score["ci"][1], metric
     assert loc["summary"] == sources["model"]["scores"]  # what the comparison table reads
+    assert loc["global_space"] == sources["model_global"]["scores"] and set(loc["baselines"]) == {"random", "centre"}
     scores = pd.read_csv(mm_run / ZS / "scores.csv")
     assert scores.groupby("source").size().nunique() == 1  # every source on the same test items
     items = json.loads((mm_run / ZS / "items.json").read_text())

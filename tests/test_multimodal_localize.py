@@ -234,12 +234,13 @@ def test_comparison_table_puts_cams_and_similarity_maps_side_by_side():
     from cxrssl.evaluation.localization import METRICS, comparison_markdown, comparison_rows
 
     cell = {m: {"mean": 0.5, "ci": [0.4, 0.6], "n": 3} for m in METRICS}
-    zs = {"queries": {"prompt": {"model": {"threshold": 0.3, "scores": cell},
-                                 "random": {"threshold": 0.5, "scores": {**cell, "cnr": {"mean": None, "ci": [None, None]}}}}}}
+    zs = {"queries": {"prompt": {"random": {"threshold": 0.5, "scores": {**cell, "cnr": {"mean": None, "ci": [None, None]}}},
+                                 "model_global": {"threshold": 0.2, "scores": cell},
+                                 "model": {"threshold": 0.3, "scores": cell}}}}
     rows = comparison_rows([({"engine": "torchvision", "init": "multimodal", "res": 128, "seed": 0},
                              {"engine": "torchvision", "summary": cell})], [("nih", zs)])
     assert [(r["maps"], r["method"], r["boxes"]) for r in rows] == [
         ("CAM (torchvision)", "multimodal", "VinDr-CXR test"), ("image-text similarity", "multimodal", "nih"),
-        ("baseline", "random baseline", "nih")]
+        ("image-text similarity", "multimodal (global space)", "nih"), ("baseline", "random baseline", "nih")]
     md = comparison_markdown(rows)
-    assert md.count("\n") == 5 and "0.500 [0.400, 0.600]" in md and "n/a [n/a, n/a]" in md
+    assert md.count("\n") == 6 and "0.500 [0.400, 0.600]" in md and "n/a [n/a, n/a]" in md

@@ -27,6 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 
 METRICS = ("energy_in_box", "pointing_game", "iou", "dice", "cnr")
+#: Map sources of a zero-shot localization.json that are the model's (label suffix in the table):
+#: the sentence-region space and the image-report space (cxrssl.multimodal.localize).
+MODEL_SOURCES = {"model": "", "model_global": " (global space)"}
 
 
 def box_mask(shape: tuple[int, int], boxes: Sequence[Sequence[float]]) -> np.ndarray:
@@ -143,12 +146,11 @@ def comparison_rows(cams: Sequence[tuple[dict, dict]] = (), zeroshot: Sequence[t
     for layout, loc in zeroshot:
         method = loc.get("method", "multimodal")
         for query, sources in sorted(loc["queries"].items()):
-            for source in ("model", *sorted(s for s in sources if s != "model")):
-                if source not in sources:
-                    continue
+            models = [s for s in MODEL_SOURCES if s in sources]
+            for source in (*models, *sorted(s for s in sources if s not in MODEL_SOURCES)):
                 entry = sources[source]
-                label = method if source == "model" else f"{source} baseline"
-                rows.append({"maps": "image-text similarity" if source == "model" else "baseline", "method": label,
+                label = f"{method}{MODEL_SOURCES[source]}" if source in MODEL_SOURCES else f"{source} baseline"
+                rows.append({"maps": "image-text similarity" if source in MODEL_SOURCES else "baseline", "method": label,
                              "boxes": layout, "query": query, "setting": f"threshold {entry['threshold']:g} (val)",
                              **cells(entry["scores"])})
     return rows

@@ -82,6 +82,14 @@ class ImageEncoder(nn.Module):
         h, w = local.shape[-2:]
         return glob, local.flatten(2).transpose(1, 2), (h, w)
 
+    def dense_global(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The global head at every location, ``(B, h*w, D)`` row-major, and the grid: the global
+        embedding is their mean (the head is linear), so each is a region's share of the
+        image-report similarity (a CAM of the global alignment)."""
+        fmap = self.backbone(x)
+        h, w = fmap.shape[-2:]
+        return self.global_head(fmap.flatten(2).transpose(1, 2)), (h, w)
+
 
 def region_map(similarity: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """Per-region scores ``(..., h*w)`` -> bilinear maps ``(..., H, W)`` at image size."""

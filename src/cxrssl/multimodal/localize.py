@@ -13,6 +13,12 @@ the map thresholded at ``t`` (``t`` chosen on a validation split to maximise the
 on test) and ``cnr`` (``|mean_in - mean_out| / sqrt(var_in + var_out)``, BioViL's definition,
 invariant to the map's scale and offset).
 
+Two maps per query, one per embedding space of the model: ``model`` (the sentence-region space:
+the local head's region features against the query's local embedding, the paper's map) and
+``model_global`` (the image-report space: the global head applied at every location against the
+query's report embedding; since the head is linear and the global vector is the pooled map, this
+is the CAM of the image-report similarity, as dense CLIP maps are read).
+
 Baselines: a random map (uniform noise on the model's region grid, upsampled bilinearly: the same
 smoothness as the model's maps) and a centre prior (isotropic Gaussian at the image centre,
 sigma = a quarter of the side). Confidence intervals: percentile bootstrap over images (an
@@ -215,15 +221,22 @@ def centre_map(shape: tuple[int, int]) -> np.ndarray:
 # --- model heatmaps --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def image_regions(model, images: np.ndarray, batch_size: int = 32) -> tuple[torch.Tensor, tuple[int, int]]:
-    """L2-normalised local-space region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images."""
+def image_regions(model, images: np.ndarray, batch_size: int = 32,
+                  space: str = "local") -> tuple[torch.Tensor, tuple[int, int]]:
+    """L2-normalised region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images, in the
+    ``local`` space (the local head) or the ``global`` one (the global head at every location)."""
     from cxrssl.ssl.augment import normalize_views
 
     device = next(model.parameters()).device
     out, grid = [], None
     for k in range(0, len(images), batch_size):
         x = normalize_views(torch.from_numpy(np.ascontiguousarray(images[k:k + batch_size])).unsqueeze(1), device)
-        _, regions, grid = model.image(x)
+        if space == "local":
+            _, regions, grid = model.image(x)
+        elif space == "global":
+            regions, grid = model.image.dense_global(x)
+        else:
+            raise ValueError(f"space must be local or global, got {space!r}")
         out.append(torch.nn.functional.normalize(regions.float(), dim=-1).cpu())
     return torch.cat(out), grid
 
@@ -237,11 +250,11 @@ def similarity_map(regions: torch.Tensor, query: torch.Tensor, grid: tuple[int, 
     return region_map(sim, grid, tuple(size)).numpy()
 
 
-def prompt_embeddings(model, findings: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Mean (normalised) local-space embedding of each finding's prompts."""
+def prompt_embeddings(model, findings: Iterable[str], space: str = "local") -> dict[str, torch.Tensor]:
+    """Mean (normalised) embedding of each finding's prompts in ``space`` (local or global)."""
     out = {}
     for f in findings:
-        emb = torch.nn.functional.normalize(model.embed_sentences(list(PROMPTS[f])), dim=-1).mean(0)
+        emb = torch.nn.functional.normalize(model.embed_sentences(list(PROMPTS[f]), space), dim=-1).mean(0)
         out[f] = emb
     return out
 

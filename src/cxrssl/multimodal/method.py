@@ -41,6 +41,8 @@ from cxrssl.ssl.augment import normalize_views
 from cxrssl.ssl.lars import lr_factor
 
 METHOD = "multimodal"
+#: Embedding spaces of the model: sentence-region (``local``) and image-report (``global``).
+SPACES = ("local", "global")
 IMAGE_ENCODER, IMAGE_SIDECAR, MODEL, MODEL_JSON, TEXT_DIR = (
     "backbone.pth", "backbone.json", "model.pth", "model.json", "text_encoder")
 
@@ -128,12 +130,15 @@ class MultimodalModel(nn.Module):
                 "sentences": sentences, "sentence_mask": mask}
 
     @torch.no_grad()
-    def embed_sentences(self, sentences: list[str]) -> torch.Tensor:
-        """Local-space embeddings ``(N, D)`` of free-standing sentences (prompts), one report each."""
+    def embed_sentences(self, sentences: list[str], space: str = "local") -> torch.Tensor:
+        """Embeddings ``(N, D)`` of free-standing sentences (prompts), each its own report: in the
+        ``local`` (sentence-region) space, or the ``global`` (image-report) one."""
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         device = next(self.parameters()).device
         batch = self.text.collate([self.text.tokenize([s]) for s in sentences])
-        _, emb, _ = self.encode_text(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "sentence_ids")))
-        return emb[:, 0]
+        report, emb, _ = self.encode_text(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "sentence_ids")))
+        return emb[:, 0] if space == "local" else report
 
 
 class MultimodalMethod:

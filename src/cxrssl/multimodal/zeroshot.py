@@ -33,6 +33,8 @@ from cxrssl.multimodal.method import load_trained
 log = logging.getLogger(__name__)
 
 SCORES, SUMMARY, PANEL, ITEMS, LOCALIZATION = "scores.csv", "summary.csv", "panel.png", "items.json", "localization.json"
+#: The model's map sources: embedding space -> source name (cxrssl.multimodal.localize's module doc).
+SOURCES = {"local": "model", "global": "model_global"}
 BOX_LAYOUTS = ("nih", "rsna", "ms_cxr")
 
 
@@ -54,25 +56,28 @@ def zero_shot(run_dir: str | Path, items: pd.DataFrame, load_image: Callable[[st
     model, settings = load_trained(run_dir, device)
     images = {i: load_image(i) for i in sorted(set(items["image_id"]))}
     order = sorted(images)
-    regions, grid = image_regions(model, np.stack([_resize(images[i], settings.image_size) for i in order]))
+    small = np.stack([_resize(images[i], settings.image_size) for i in order])
     row = {i: k for k, i in enumerate(order)}
-    prompts = prompt_embeddings(model, sorted(set(items["finding"])))
+    findings = sorted(set(items["finding"]))
+    regions, queries = {}, {}
+    for space, source in SOURCES.items():
+        regions[source], grid = image_regions(model, small, space=space)
+        prompts = prompt_embeddings(model, findings, space)
+        queries.setdefault("prompt", {})[source] = torch.stack([prompts[f] for f in items["finding"]])
+        if "sentence" in items.columns:
+            queries.setdefault("sentence", {})[source] = model.embed_sentences(items["sentence"].tolist(), space)
     rng = np.random.default_rng(seed)
-
-    queries = {"prompt": torch.stack([prompts[f] for f in items["finding"]])}
-    if "sentence" in items.columns:
-        queries["sentence"] = model.embed_sentences(items["sentence"].tolist())
     tables, per_item, panel_maps = [], [], {}
     shapes = [images[i].shape for i in items["image_id"]]
     baselines = {"random": [random_map(s, grid, rng) for s in shapes], "centre": [centre_map(s) for s in shapes]}
-    for kind, q in queries.items():
+    for kind, by_source in queries.items():
         start = time.perf_counter()
-        maps = [similarity_map(regions[row[r.image_id]], q[k], grid, images[r.image_id].shape)
-                for k, r in enumerate(items.itertuples(index=False))]
-        scores, summary = evaluate_maps(items, {"model": maps, **baselines}, n_boot, seed)
+        maps = {source: [similarity_map(regions[source][row[r.image_id]], q[k], grid, images[r.image_id].shape)
+                         for k, r in enumerate(items.itertuples(index=False))] for source, q in by_source.items()}
+        scores, summary = evaluate_maps(items, {**maps, **baselines}, n_boot, seed)
         tables.append(summary.assign(query=kind))
         per_item.append(scores.assign(query=kind))
-        panel_maps[f"{kind} map"] = maps
+        panel_maps.update({f"{kind} ({space})": maps[source] for space, source in SOURCES.items()})
         log.info("%s queries: %d items in %.1f s\n%s", kind, len(items), time.perf_counter() - start,
                  summary.pivot(index="source", columns="metric", values="mean").round(3))
     summary = pd.concat(tables, ignore_index=True)[["query", "source", "metric", "mean", "ci_low", "ci_high",
@@ -150,7 +155,8 @@ def localisation_json(summary: pd.DataFrame, meta: dict) -> dict:
     """``localization.json``: per query kind and map source the scores in the shape of the CAM
     runs' files (metric -> ``{mean, ci, n}``, :func:`cxrssl.evaluation.localization.summarize_scores`),
     plus the threshold chosen on validation; ``summary`` is the model's prompt maps (what the
-    comparison table reads, as it reads a CAM run's ``summary``)."""
+    comparison table reads, as it reads a CAM run's ``summary``), ``global_space`` the same for the
+    image-report space's maps (``model_global``)."""
     def num(v):
         return None if v is None or not np.isfinite(v) else float(v)
 
@@ -162,7 +168,8 @@ def localisation_json(summary: pd.DataFrame, meta: dict) -> dict:
             "scores": {r.metric: {"mean": num(r.mean), "ci": [num(r.ci_low), num(r.ci_high)], "n": int(r.n_items)}
                        for r in g.itertuples(index=False)}}
     return {**meta, "queries": queries, "summary": queries["prompt"]["model"]["scores"],
-            "baselines": {k: v["scores"] for k, v in queries["prompt"].items() if k != "model"}}
+            "global_space": queries["prompt"]["model_global"]["scores"],
+            "baselines": {k: v["scores"] for k, v in queries["prompt"].items() if k not in SOURCES.values()}}
 
 
 def run_zero_shot(run_dir: str | Path, layout: str, boxes_file: str | Path, images_dir: str | Path,
