@@ -15,9 +15,10 @@ invariant to the map's scale and offset).
 
 Two maps per query, one per embedding space of the model: ``model`` (the sentence-region space:
 the local head's region features against the query's local embedding, the paper's map) and
-``model_global`` (the image-report space: the global head applied at every location against the
-query's report embedding; since the head is linear and the global vector is the pooled map, this
-is the CAM of the image-report similarity, as dense CLIP maps are read).
+``model_global`` (the image-report space: the global head applied at every location, dot product
+with the query's normalised report embedding; since the head is linear and the global vector is
+the pooled map, the locations' mean is the image's score, so the map is the CAM of the
+image-report similarity, as dense CLIP maps are read).
 
 Baselines: a random map (uniform noise on the model's region grid, upsampled bilinearly: the same
 smoothness as the model's maps) and a centre prior (isotropic Gaussian at the image centre,
@@ -223,8 +224,10 @@ def centre_map(shape: tuple[int, int]) -> np.ndarray:
 @torch.no_grad()
 def image_regions(model, images: np.ndarray, batch_size: int = 32,
                   space: str = "local") -> tuple[torch.Tensor, tuple[int, int]]:
-    """L2-normalised region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images, in the
-    ``local`` space (the local head) or the ``global`` one (the global head at every location)."""
+    """Region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images: in the ``local`` space
+    the local head's, L2-normalised (cosine maps); in the ``global`` one the global head at every
+    location, not normalised (their mean is the image's global embedding, so a map of dot products
+    with a query is that similarity's CAM: each location's share of it)."""
     from cxrssl.ssl.augment import normalize_views
 
     device = next(model.parameters()).device
@@ -237,13 +240,15 @@ def image_regions(model, images: np.ndarray, batch_size: int = 32,
             regions, grid = model.image.dense_global(x)
         else:
             raise ValueError(f"space must be local or global, got {space!r}")
-        out.append(torch.nn.functional.normalize(regions.float(), dim=-1).cpu())
+        regions = regions.float()
+        out.append((torch.nn.functional.normalize(regions, dim=-1) if space == "local" else regions).cpu())
     return torch.cat(out), grid
 
 
 def similarity_map(regions: torch.Tensor, query: torch.Tensor, grid: tuple[int, int],
                    size: tuple[int, int]) -> np.ndarray:
-    """Cosine similarity of one image's regions ``(R, D)`` (normalised) with a query ``(D,)``, at ``size``."""
+    """One image's regions ``(R, D)`` dotted with the normalised query ``(D,)``, at ``size`` (a cosine
+    map for normalised regions, :func:`image_regions`)."""
     from cxrssl.multimodal.image import region_map
 
     sim = regions @ torch.nn.functional.normalize(query.float().cpu(), dim=-1)
