@@ -252,6 +252,28 @@ def test_training_plan_applies_the_precision_policy(data):
                             device_type="cuda").model.backbone.autocast_device is None
 
 
+def test_vit_detectors_train_with_adamw_and_resnets_with_sgd(data):
+    """ViTDet's recipe for a ViT backbone (AdamW at vit_lr, vit_weight_decay, the same warm-up and
+    cosine shape), the paper's SGD for ResNets and for ViTs with vit_optimizer sgd."""
+    s = tiny_settings(lr=0.01, min_lr=0.0002, vit_lr=0.0003, vit_weight_decay=0.05)
+    vit = train.build_plan(dict(s, arch="vit_tiny_patch8"), data["train"], "random", RES, 0)
+    assert type(vit.optimizer) is torch.optim.AdamW
+    assert {g["weight_decay"] for g in vit.optimizer.param_groups} == {0.05}
+    resnet = train.build_plan(s, data["train"], "random", RES, 0)
+    assert type(resnet.optimizer) is torch.optim.SGD and resnet.optimizer.param_groups[0]["momentum"] == s["momentum"]
+    shapes = []
+    for plan, peak in ((vit, 0.0003), (resnet, 0.01)):
+        lrs = []
+        for _ in range(plan.epochs * len(plan.loader)):
+            lrs.append(plan.optimizer.param_groups[0]["lr"] / peak)
+            plan.optimizer.step()
+            plan.scheduler.step()
+        shapes.append(lrs)
+    assert max(shapes[0]) == pytest.approx(1.0) and shapes[0] == pytest.approx(shapes[1])  # one schedule, two peaks
+    sgd_vit = train.build_plan(dict(s, arch="vit_tiny_patch8", vit_optimizer="sgd"), data["train"], "random", RES, 0)
+    assert type(sgd_vit.optimizer) is torch.optim.SGD and sgd_vit.optimizer.param_groups[0]["lr"] <= 0.01
+
+
 # --- heads as mmdet's R50-FPN ------------------------------------------------------------------------
 
 def test_rpn_box_loss_is_l1_over_the_sampled_anchors():

@@ -35,6 +35,8 @@ ENGINES = {"torchvision": "cxrssl.detection.train", "mmdet": "cxrssl.detection.m
 RUN_SETTINGS = ("engine", "engines", "inits", "resolutions")
 #: Nested sections of ``detection`` that are not training settings.
 NOT_TRAINING = ("predict",)
+#: Training settings of ViT detectors only: the torchvision engine's (mmdet is ResNet-only, refuse_vit).
+VIT_SETTINGS = ("vit_optimizer", "vit_lr", "vit_weight_decay")
 CHECKPOINT_FORMAT = 2
 #: Keys every checkpoint meta holds, whatever the engine.
 META_KEYS = ("format", "engine", "arch", "init", "init_name", "res", "seed", "classes", "num_classes",

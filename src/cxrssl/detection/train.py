@@ -50,7 +50,7 @@ from cxrssl.detection.dataset import CocoDetection, collate, input_format
 from cxrssl.detection.engine import LOSS_KEYS, coco_map50, predict_coco, train_one_epoch
 from cxrssl.detection.engines import make_meta
 from cxrssl.detection.model import (NUM_CLASSES, Detector, autocast_device_for, build_detector, build_meta,
-                                    compile_backbone, detector_from_meta, resolve_arch, set_precision)
+                                    compile_backbone, detector_from_meta, is_vit, resolve_arch, set_precision)
 from cxrssl.detection.schedule import WarmupCosine
 from cxrssl.io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from cxrssl.runtime import (cleanup_distributed, gather_objects, init_distributed, load_checkpoint, rng_state,
@@ -104,13 +104,25 @@ class TrainingPlan:
     the engine-parity test, so each setting is seen where it acts)."""
 
     model: Detector
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     train_set: CocoDetection
     sampler: DistributedSampler
     loader: DataLoader
     epochs: int
     grad_clip: float
+
+
+def make_optimizer(params, s: dict, vit: bool) -> tuple[torch.optim.Optimizer, float, float]:
+    """(optimizer, peak lr, final lr) of a run: SGD with ``lr``/``momentum``/``weight_decay`` (the
+    paper's mmdet recipe); a ViT backbone's detector with ``vit_optimizer: adamw`` takes AdamW at
+    ``vit_lr`` and ``vit_weight_decay`` instead (ViTDet's recipe; SGD barely moves a ViT in a short
+    run), its cosine ending at the same fraction ``min_lr / lr`` of its peak."""
+    if vit and s["vit_optimizer"] == "adamw":
+        lr = float(s["vit_lr"])
+        return (torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=s["vit_weight_decay"]),
+                lr, float(s["min_lr"]) * lr / float(s["lr"]))
+    return torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"]), s["lr"], s["min_lr"]
 
 
 def build_plan(settings: dict, train_json: str | Path, init: str, res: int, seed: int,
@@ -144,9 +156,9 @@ def build_plan(settings: dict, train_json: str | Path, init: str, res: int, seed
     if s.get("compile", False):
         compile_backbone(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    optimizer, lr, min_lr = make_optimizer(params, s, is_vit(resolve_arch(s["arch"], init)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(s["lr"], s["min_lr"], s["warmup_iters"], s["epochs"], len(loader)))
+        optimizer, WarmupCosine(lr, min_lr, s["warmup_iters"], s["epochs"], len(loader)))
     return TrainingPlan(model, optimizer, scheduler, train_set, sampler, loader, int(s["epochs"]),
                         float(s.get("grad_clip", 0.0) or 0.0))
 
