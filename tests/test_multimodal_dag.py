@@ -93,5 +93,6 @@ def test_localization_comparison_table(mm_run, tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts/summarize_localization.py"), "--zeroshot", "nih",
                     str(mm_run / ZS / "localization.json"), "--csv", str(csv), "--markdown", str(md)], check=True)
     table = pd.read_csv(csv)
-    assert list(table["method"]) == ["multimodal", "centre baseline", "random baseline"]
+    assert list(table["method"]) == ["multimodal", "multimodal (global space)", "centre baseline", "random baseline"]
     assert "| image-text similarity | multimodal | nih | prompt |" in md.read_text()
+    assert "| image-text similarity | multimodal (global space) | nih | prompt |" in md.read_text()
