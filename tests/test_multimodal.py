@@ -362,8 +362,10 @@ def test_resume_after_kill_is_bit_identical(corpus, tmp_path):
         model.embed_sentences(["There is a nodule."], "pixel")
     x = torch.rand(2, 3, settings_back.image_size, settings_back.image_size)
     with torch.no_grad():
-        dense, grid = model.image.dense_global(x)
+        both, grid = model.image.regions(x)
         glob, regions, grid_local = model.image(x)
+    dense = both["global"]
+    torch.testing.assert_close(both["local"], regions)
     assert grid == grid_local and dense.shape == (2, grid[0] * grid[1], glob.shape[1])
     torch.testing.assert_close(dense.mean(1), glob, rtol=1e-5, atol=1e-5)
 

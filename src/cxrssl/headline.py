@@ -146,21 +146,25 @@ def compare(readme_text: str, run_text: str) -> tuple[bool, bool, int]:
     return machine is not None and machine == machine_of(run_text), same_shape, n_diff
 
 
+def _split(content: str, where: str) -> tuple[str, str, str]:
+    """(before the begin marker, between the markers, after the end marker) of a README's text."""
+    if content.count(BEGIN) != 1 or content.count(END) != 1 or content.index(BEGIN) > content.index(END):
+        raise BadInputError(where, f"needs exactly one pair of markers {BEGIN!r} ... {END!r}")
+    head, rest = content.split(BEGIN, 1)
+    block, tail = rest.split(END, 1)
+    return head, block, tail
+
+
 def readme_block(readme: str | Path) -> str:
     """The text between the README's markers."""
-    content = Path(readme).read_text()
-    if content.count(BEGIN) != 1 or content.count(END) != 1 or content.index(BEGIN) > content.index(END):
-        raise BadInputError(str(readme), f"needs exactly one pair of markers {BEGIN!r} ... {END!r}")
-    return content.split(BEGIN, 1)[1].split(END, 1)[0]
+    return _split(Path(readme).read_text(), str(readme))[1]
 
 
 def update_readme(readme: str | Path, text: str, check: bool = False) -> bool:
     """Write ``text`` between the README's markers; with ``check``, only compare. True when equal."""
     readme = Path(readme)
-    readme_block(readme)  # the markers
     content = readme.read_text()
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    head, _, tail = _split(content, str(readme))
     updated = f"{head}{BEGIN}\n{text.strip()}\n{END}{tail}"
     if updated == content:
         return True
@@ -206,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         same = update_readme(args.readme, text, check=args.check)
         if args.check and not same:
             source = args.headline or "this run"
-            same_machine, same_shape, n_diff = compare(readme_block(args.readme), text)
+            block = readme_block(args.readme)
+            same_machine, same_shape, n_diff = compare(block, text)
             if same_shape and not same_machine:
                 print(f"{args.readme}: same tables as {source}, but its figures were computed on "
-                      f"{machine_of(readme_block(args.readme)) or 'an unrecorded machine'} and these on "
+                      f"{machine_of(block) or 'an unrecorded machine'} and these on "
                       f"{machine_of(text) or 'an unrecorded machine'}: {n_diff} figures differ (bit-identical "
                       "figures need the same kind of machine)", file=sys.stderr)
                 return 0

@@ -77,18 +77,20 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(global ``(B, D)``, regions ``(B, h*w, D)`` row-major, grid ``(h, w)``)."""
         fmap = self.backbone(x)
-        glob = self.global_head(fmap.mean(dim=(2, 3)))
-        local = self.local_head(fmap)
-        h, w = local.shape[-2:]
-        return glob, local.flatten(2).transpose(1, 2), (h, w)
+        return self.global_head(fmap.mean(dim=(2, 3))), *self._local(fmap)
 
-    def dense_global(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The global head at every location, ``(B, h*w, D)`` row-major, and the grid: the global
-        embedding is their mean (the head is linear), so each is a region's share of the
-        image-report similarity (a CAM of the global alignment)."""
+    def _local(self, fmap: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        local = self.local_head(fmap)
+        return local.flatten(2).transpose(1, 2), tuple(local.shape[-2:])
+
+    def regions(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+        """Region features ``(B, h*w, D)`` of both spaces from one backbone pass, and the grid:
+        ``local`` (the local head) and ``global`` (the global head at every location: their mean is
+        the global embedding, the head being linear, so each is a region's share of the
+        image-report similarity, a CAM of the global alignment)."""
         fmap = self.backbone(x)
-        h, w = fmap.shape[-2:]
-        return self.global_head(fmap.flatten(2).transpose(1, 2)), (h, w)
+        local, grid = self._local(fmap)
+        return {"local": local, "global": self.global_head(fmap.flatten(2).transpose(1, 2))}, grid
 
 
 def region_map(similarity: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:

@@ -222,27 +222,22 @@ def centre_map(shape: tuple[int, int]) -> np.ndarray:
 # --- model heatmaps --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def image_regions(model, images: np.ndarray, batch_size: int = 32,
-                  space: str = "local") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images: in the ``local`` space
-    the local head's, L2-normalised (cosine maps); in the ``global`` one the global head at every
-    location, not normalised (their mean is the image's global embedding, so a map of dot products
-    with a query is that similarity's CAM: each location's share of it)."""
+def image_regions(model, images: np.ndarray, batch_size: int = 32) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    """Region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images in both spaces, from
+    one backbone pass (:meth:`cxrssl.multimodal.image.ImageEncoder.regions`): ``local`` L2-normalised
+    (cosine maps); ``global`` not normalised (their mean is the image's global embedding, so a map
+    of dot products with a query is that similarity's CAM: each location's share of it)."""
     from cxrssl.ssl.augment import normalize_views
 
     device = next(model.parameters()).device
-    out, grid = [], None
+    out, grid = {}, None
     for k in range(0, len(images), batch_size):
         x = normalize_views(torch.from_numpy(np.ascontiguousarray(images[k:k + batch_size])).unsqueeze(1), device)
-        if space == "local":
-            _, regions, grid = model.image(x)
-        elif space == "global":
-            regions, grid = model.image.dense_global(x)
-        else:
-            raise ValueError(f"space must be local or global, got {space!r}")
-        regions = regions.float()
-        out.append((torch.nn.functional.normalize(regions, dim=-1) if space == "local" else regions).cpu())
-    return torch.cat(out), grid
+        regions, grid = model.image.regions(x)
+        regions["local"] = torch.nn.functional.normalize(regions["local"].float(), dim=-1)
+        for space, r in regions.items():
+            out.setdefault(space, []).append(r.float().cpu())
+    return {space: torch.cat(parts) for space, parts in out.items()}, grid
 
 
 def similarity_map(regions: torch.Tensor, query: torch.Tensor, grid: tuple[int, int],

@@ -59,9 +59,10 @@ def zero_shot(run_dir: str | Path, items: pd.DataFrame, load_image: Callable[[st
     small = np.stack([_resize(images[i], settings.image_size) for i in order])
     row = {i: k for k, i in enumerate(order)}
     findings = sorted(set(items["finding"]))
-    regions, queries = {}, {}
+    by_space, grid = image_regions(model, small)
+    regions = {source: by_space[space] for space, source in SOURCES.items()}
+    queries = {}
     for space, source in SOURCES.items():
-        regions[source], grid = image_regions(model, small, space=space)
         prompts = prompt_embeddings(model, findings, space)
         queries.setdefault("prompt", {})[source] = torch.stack([prompts[f] for f in items["finding"]])
         if "sentence" in items.columns:
