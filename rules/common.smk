@@ -8,7 +8,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from cxrssl.config import OWN_RULE_METHODS, ConfigError, pretraining_methods, section_schema, section_to_cli, validate_config
+from cxrssl.config import (OWN_RULE_METHODS, ConfigError, pretraining_methods, read_config_file, section_schema,
+                           section_to_cli, validate_config)
 from cxrssl.detection.engines import RUN_SETTINGS, engine_names
 
 # --- config: validate before any job runs; errors name the files, the key and what is wrong ---
@@ -16,6 +17,8 @@ from cxrssl.detection.engines import RUN_SETTINGS, engine_names
 # validated copy (defaults filled in) replaces the config the rules read. (Snakemake itself
 # refuses an empty or malformed config file before this point.)
 try:
+    for _configfile in workflow.configfiles:  # Snakemake's YAML reader keeps the last of a key given twice
+        read_config_file(_configfile)
     _validated = validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config")
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
@@ -190,6 +193,20 @@ def init_input(wildcards):
     if wildcards.init in PRETRAIN_METHODS:
         return [value, expand(PRETRAIN_SIDECAR, method=wildcards.init)[0]]
     return [value]
+
+
+# The multimodal method's image encoder from another method's backbone (pretrain.multimodal.init)
+def mm_init_input(wildcards):
+    """The backbone (and sidecar) of the method `pretrain.multimodal.init` names, if it names one."""
+    init = config["pretrain"]["multimodal"]["init"]
+    if init in PRETRAIN_METHODS and init != "multimodal":
+        return [expand(PRETRAIN_BACKBONE, method=init)[0], expand(PRETRAIN_SIDECAR, method=init)[0]]
+    return []
+
+
+def mm_init_flag(wildcards, input):
+    """`--init PATH` of that method's backbone (the block's own --init is left out of params.args)."""
+    return f"--init {shlex.quote(str(input.init[0]))}" if input.init else ""
 
 
 def imagenet_path(arch):

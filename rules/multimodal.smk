@@ -61,6 +61,7 @@ rule prepare_reports:
 rule pretrain_multimodal:
     input:
         pairs=MM_PAIRS,
+        init=mm_init_input,
     output:
         backbone=expand(PRETRAIN_BACKBONE, method=MM_METHOD)[0],
         sidecar=expand(PRETRAIN_SIDECAR, method=MM_METHOD)[0],
@@ -78,11 +79,12 @@ rule pretrain_multimodal:
         f"{BENCH}/pretrain/{MM_METHOD}.tsv"
     params:
         torch_threads=TORCH_THREADS,
-        args=cli(f"pretrain.{MM_METHOD}"),
+        args=cli(f"pretrain.{MM_METHOD}", exclude=("init",) if mm_init_input(None) else ()),
         imagenet=lambda wildcards: imagenet_flag(config["pretrain"][MM_METHOD]["arch"]),
         seed=SEED,
         out_dir=lambda wildcards, output: str(Path(output.backbone).parent),
         launcher=torch_launcher,
+        init=mm_init_flag,
     threads: TORCH_THREADS + config["pretrain"][MM_METHOD]["workers"]
     resources:
         mem_mb=16000,
@@ -92,7 +94,8 @@ rule pretrain_multimodal:
         ENV
     shell:
         "{params.launcher} \"$CXRSSL_SCRIPTS/pretrain_multimodal.py\" --pairs {input.pairs:q} --out-dir {params.out_dir:q}"
-        " --seed {params.seed} --threads {params.torch_threads} {params.imagenet} {params.args} --log-file {log:q}"
+        " --seed {params.seed} --threads {params.torch_threads} {params.imagenet} {params.args} {params.init}"
+        " --log-file {log:q}"
 
 
 rule zeroshot:

@@ -103,6 +103,39 @@ def test_snakemake_refuses_an_invalid_config_before_running_anything(tmp_path):
     assert "iou_thr" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("text, line", [("seed: 1\nseed: 2\n", 2),
+                                        ("detection:\n  epochs: 1\n  lr: 0.1\n  epochs: 3\n", 4)])
+def test_a_key_given_twice_is_an_error_naming_file_and_line(tmp_path, text, line):
+    """PyYAML keeps the last of a duplicated key without a word: a block written twice loses its first copy."""
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="given twice") as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:") and f"line {line}" in str(info.value)
+
+
+def test_shipped_schema_and_configs_have_no_key_given_twice():
+    """The schema once held its zeroshot block twice (the loader kept one silently)."""
+    from cxrssl.config import read_config_file, schema_path, strict_yaml_load
+
+    strict_yaml_load(schema_path().read_text())
+    for path in [REPO / "config.yaml", *sorted((REPO / "config").glob("*.yaml")), *sorted((REPO / "profiles").rglob("*.yaml"))]:
+        read_config_file(path)
+
+
+def test_snakemake_refuses_a_config_file_with_a_block_given_twice(tmp_path):
+    text = (REPO / "config.yaml").read_text() + "\nseed: 3\n"  # config.yaml sets seed already
+    config = tmp_path / "twice.yaml"
+    config.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(config), "--directory", str(tmp_path),
+         "-s", str(REPO / "Snakefile")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert "'seed' given twice" in proc.stdout + proc.stderr
+
+
 def test_every_setting_is_documented_and_well_formed():
     """Unquoted commas in flow-style YAML silently split a description into a stray key."""
     from cxrssl.config import load_schema

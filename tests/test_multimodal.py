@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -235,6 +235,35 @@ def test_sentences_are_encoded_in_one_pass_over_the_report():
     assert not torch.allclose(a, b) and not torch.allclose(a, alone)  # the same sentence sees its report
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([s for r in REPORTS for s in r.split(". ")]), min_size=1, max_size=5),
+                min_size=1, max_size=4))
+def test_sentence_context_encodes_each_sentence_as_it_stands_alone(reports):
+    """sentence_context: sentence: a report's sentence embeddings are those of the sentences as
+    one-sentence reports (what a zero-shot prompt is), the report's their token-weighted mean."""
+    enc = _tiny_text().eval()
+    enc.context = "sentence"
+    n_tokens = [2 + sum(len(enc.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in r[:enc.max_sentences])
+                for r in reports]
+    assume(max(n_tokens) <= enc.max_tokens)  # truncation is the tokenizer's test
+    with torch.no_grad():
+        report, sentences, mask = enc(**enc.collate([enc.tokenize(r) for r in reports]))
+        for b, r in enumerate(reports):
+            kept = int(mask[b].sum())
+            assert kept == min(len(r), enc.max_sentences)
+            counts = []
+            for k, sentence in enumerate(r[:kept]):
+                alone_report, alone, _ = enc(**enc.collate([enc.tokenize([sentence])]))
+                torch.testing.assert_close(sentences[b, k], alone[0, 0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(alone_report[0], alone[0, 0], rtol=1e-5, atol=1e-5)
+                counts.append(len(enc.tokenizer(sentence, add_special_tokens=False)["input_ids"]))
+            w = torch.tensor(counts, dtype=torch.float32).unsqueeze(-1)
+            torch.testing.assert_close(report[b], (sentences[b, :kept] * w).sum(0) / w.sum(), rtol=1e-5, atol=1e-5)
+            assert sentences[b, kept:].abs().sum() == 0
+    with pytest.raises(ValueError, match="context"):
+        SentenceTextEncoder(enc.model, enc.tokenizer, context="word")
+
+
 def test_text_encoder_loaded_from_a_local_path(tmp_path):
     enc = _tiny_text().eval()
     enc.model.save_pretrained(tmp_path / "bert")
@@ -275,6 +304,30 @@ def test_resnet_feature_map_and_export_are_torchvision():
     assert fine.export_state_dict().keys() == fmap.export_state_dict().keys()
     bottleneck = resnet_feature_map("resnet50", output_stride=16)
     assert bottleneck(torch.randn(1, 3, 64, 64)).shape == (1, 2048, 4, 4)
+
+
+@pytest.mark.parametrize("arch, output_stride, local_grid, global_grid",
+                         [("resnet18", 32, (4, 4), (2, 2)), ("resnet18", 16, (4, 4), (4, 4)),
+                          ("resnet50", 32, (4, 4), (2, 2))])
+def test_layer3_regions_are_the_intermediate_map(arch, output_stride, local_grid, global_grid):
+    """local_features: layer3 (GLoRIA's): regions from layer3 at stride 16, the global vector from layer4."""
+    torch.manual_seed(0)
+    backbone = resnet_feature_map(arch, output_stride=output_stride).eval()
+    enc = ImageEncoder(backbone, 8, local_features="layer3").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        g, regions, grid = enc(x)
+        r = backbone.resnet
+        mid = r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x)))))))
+        both = enc.regions(x)
+    assert mid.shape[1] == backbone.mid_channels and grid == local_grid
+    torch.testing.assert_close(regions, enc.local_head(mid).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(g, enc.global_head(r.layer4(mid).mean(dim=(2, 3))))
+    dense, dense_grid = both["global"]
+    assert both["local"][1] == local_grid and dense_grid == global_grid
+    torch.testing.assert_close(dense.mean(1), g, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="local_features"):
+        ImageEncoder(backbone, 8, local_features="layer2")
 
 
 def test_image_encoder_takes_any_feature_map_backbone():
@@ -362,11 +415,11 @@ def test_resume_after_kill_is_bit_identical(corpus, tmp_path):
         model.embed_sentences(["There is a nodule."], "pixel")
     x = torch.rand(2, 3, settings_back.image_size, settings_back.image_size)
     with torch.no_grad():
-        both, grid = model.image.regions(x)
+        both = model.image.regions(x)
         glob, regions, grid_local = model.image(x)
-    dense = both["global"]
-    torch.testing.assert_close(both["local"], regions)
-    assert grid == grid_local and dense.shape == (2, grid[0] * grid[1], glob.shape[1])
+    (local, grid_l), (dense, grid) = both["local"], both["global"]
+    torch.testing.assert_close(local, regions)
+    assert grid == grid_l == grid_local and dense.shape == (2, grid[0] * grid[1], glob.shape[1])
     torch.testing.assert_close(dense.mean(1), glob, rtol=1e-5, atol=1e-5)
 
     # zero-shot localisation end to end on the held-out set, every box layout (functional: this

@@ -96,3 +96,27 @@ def test_localization_comparison_table(mm_run, tmp_path):
     assert list(table["method"]) == ["multimodal", "multimodal (global space)", "centre baseline", "random baseline"]
     assert "| image-text similarity | multimodal | nih | prompt |" in md.read_text()
     assert "| image-text similarity | multimodal (global space) | nih | prompt |" in md.read_text()
+
+
+def test_multimodal_init_from_another_method_is_a_dependency(tmp_path):
+    """pretrain.multimodal.init naming a method: its backbone.pth is an input of pretrain_multimodal and
+    reaches the script as --init (dry run); a method that does not run, or of another arch, is refused."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["pretrain"]["methods"] = ["barlowtwins", "multimodal"]
+    config["pretrain"]["multimodal"]["init"] = "barlowtwins"
+    write_config(tmp_path / "config.yaml", config)
+    dry = snakemake(tmp_path, "-n", "-p", "results/pretrain/multimodal/backbone.pth")
+    jobs = scheduled(dry)
+    assert jobs.get("pretrain") == 1 and jobs.get("pretrain_multimodal") == 1
+    shell = [line for line in (dry.stdout + dry.stderr).splitlines() if "pretrain_multimodal.py" in line]
+    assert shell and all(line.rstrip().endswith("--log-file results/logs/pretrain/multimodal.log") for line in shell)
+    assert shell[0].count("--init ") == 1 and "--init results/pretrain/barlowtwins/backbone.pth" in shell[0]
+    for methods, arch, words in ((["multimodal"], "resnet18", "which pretrain.methods does not run"),
+                                 (["barlowtwins", "multimodal"], "resnet34", "differs from pretrain.multimodal.arch")):
+        bad = copy.deepcopy(config)
+        bad["pretrain"]["methods"] = methods
+        bad["pretrain"]["multimodal"]["arch"] = arch
+        write_config(tmp_path / "bad.yaml", bad)
+        proc = snakemake(tmp_path, "-n", configfile=tmp_path / "bad.yaml", check=False)
+        assert proc.returncode != 0 and "pretrain.multimodal.init" in proc.stdout + proc.stderr
+        assert words in proc.stdout + proc.stderr

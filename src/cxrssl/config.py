@@ -28,6 +28,31 @@ from jsonschema import Draft202012Validator, validators
 SCHEMA_RESOURCE = "schemas/config.schema.yaml"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML 1.2 forbids it; PyYAML
+    silently keeps the last, so a block written twice would lose its first copy without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def strict_yaml_load(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`_StrictLoader`)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass: plain data only
+
+
 def schema_path() -> Path:
     """Filesystem path of the config schema shipped inside the package."""
     return Path(str(resources.files("cxrssl").joinpath(SCHEMA_RESOURCE)))
@@ -35,7 +60,7 @@ def schema_path() -> Path:
 
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
-    return yaml.safe_load(schema_path().read_text())
+    return strict_yaml_load(schema_path().read_text())
 
 
 def _with_defaults(validator_class):
@@ -135,6 +160,27 @@ def _pretrained_arch_matches_detection(config: dict) -> list[str]:
     return messages
 
 
+def _multimodal_init_is_a_listed_resnet_method(config: dict) -> list[str]:
+    """``pretrain.multimodal.init`` naming a pretraining method (its backbone.pth, a dependency in the
+    DAG): the method must run (pretrain.methods), not be multimodal itself, and train the same ResNet."""
+    pretrain = config["pretrain"]
+    init = pretrain["multimodal"]["init"]
+    if init not in pretraining_methods():
+        return []
+    key = "pretrain.multimodal.init"
+    if init == "multimodal":
+        return [f"{key} is multimodal itself: name another pretraining method, random, imagenet or a path"]
+    if "multimodal" not in pretrain["methods"]:
+        return []
+    if init not in pretrain["methods"]:
+        return [f"{key} is {init}, which pretrain.methods does not run: add {init} to pretrain.methods"]
+    arch_key, arch = pretrained_arch(config, init)
+    if arch != pretrain["multimodal"]["arch"]:
+        return [f"{key} is {init}, whose {arch_key} ({arch}) differs from pretrain.multimodal.arch "
+                f"({pretrain['multimodal']['arch']}): the image encoder loads that backbone's weights"]
+    return []
+
+
 def _private_dir_outside_results(config: dict) -> list[str]:
     privacy = config["privacy"]
     if not privacy["pseudonymize_ids"]:
@@ -153,6 +199,7 @@ CROSS_CHECKS: list[tuple[str, Callable[[dict], list[str]]]] = [
     ("detection input sizes fit the converted images", _resolutions_fit_the_conversion),
     ("pretrained backbone arch matches detection.arch", _pretrained_arch_matches_detection),
     ("private folder outside results_dir", _private_dir_outside_results),
+    ("multimodal init from another method", _multimodal_init_is_a_listed_resnet_method),
 ]
 
 
@@ -189,7 +236,7 @@ def read_config_file(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config file as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:

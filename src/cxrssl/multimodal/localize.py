@@ -20,8 +20,8 @@ with the query's normalised report embedding; since the head is linear and the g
 the pooled map, the locations' mean is the image's score, so the map is the CAM of the
 image-report similarity, as dense CLIP maps are read).
 
-Baselines: a random map (uniform noise on the model's region grid, upsampled bilinearly: the same
-smoothness as the model's maps) and a centre prior (isotropic Gaussian at the image centre,
+Baselines: a random map (uniform noise on the model's finest region grid, the sentence-region
+space's, upsampled bilinearly: the same smoothness as the model's maps) and a centre prior (isotropic Gaussian at the image centre,
 sigma = a quarter of the side). Confidence intervals: percentile bootstrap over images (an
 image's items are resampled together).
 
@@ -222,22 +222,24 @@ def centre_map(shape: tuple[int, int]) -> np.ndarray:
 # --- model heatmaps --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def image_regions(model, images: np.ndarray, batch_size: int = 32) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
-    """Region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images in both spaces, from
-    one backbone pass (:meth:`cxrssl.multimodal.image.ImageEncoder.regions`): ``local`` L2-normalised
-    (cosine maps); ``global`` not normalised (their mean is the image's global embedding, so a map
-    of dot products with a query is that similarity's CAM: each location's share of it)."""
+def image_regions(model, images: np.ndarray, batch_size: int = 32) -> tuple[dict[str, torch.Tensor],
+                                                                            dict[str, tuple[int, int]]]:
+    """Per space, region features ``(N, h*w, D)`` of uint8 ``(N, S, S)`` model-size images and their
+    grid, from one backbone pass (:meth:`cxrssl.multimodal.image.ImageEncoder.regions`): ``local``
+    L2-normalised (cosine maps); ``global`` not normalised (their mean is the image's global
+    embedding, so a map of dot products with a query is that similarity's CAM: each location's
+    share of it)."""
     from cxrssl.ssl.augment import normalize_views
 
     device = next(model.parameters()).device
-    out, grid = {}, None
+    out, grids = {}, {}
     for k in range(0, len(images), batch_size):
         x = normalize_views(torch.from_numpy(np.ascontiguousarray(images[k:k + batch_size])).unsqueeze(1), device)
-        regions, grid = model.image.regions(x)
-        regions["local"] = torch.nn.functional.normalize(regions["local"].float(), dim=-1)
-        for space, r in regions.items():
-            out.setdefault(space, []).append(r.float().cpu())
-    return {space: torch.cat(parts) for space, parts in out.items()}, grid
+        for space, (r, grid) in model.image.regions(x).items():
+            r = torch.nn.functional.normalize(r.float(), dim=-1) if space == "local" else r.float()
+            out.setdefault(space, []).append(r.cpu())
+            grids[space] = grid
+    return {space: torch.cat(parts) for space, parts in out.items()}, grids
 
 
 def similarity_map(regions: torch.Tensor, query: torch.Tensor, grid: tuple[int, int],

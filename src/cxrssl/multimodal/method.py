@@ -68,6 +68,7 @@ class MultimodalSettings:
     arch: str = _D["arch"]
     init: str = _D["init"]
     output_stride: int = _D["output_stride"]
+    local_features: str = _D["local_features"]
     image_size: int = _D["image_size"]
     text_encoder: str = _D["text_encoder"]
     vocab_size: int = _D["vocab_size"]
@@ -78,6 +79,7 @@ class MultimodalSettings:
     text_dropout: float | None = _D["text_dropout"]
     max_tokens: int = _D["max_tokens"]
     max_sentences: int = _D["max_sentences"]
+    sentence_context: str = _D["sentence_context"]
     embed_dim: int = _D["embed_dim"]
     temperature_global: float = _D["temperature_global"]
     temperature_local: float = _D["temperature_local"]
@@ -103,6 +105,9 @@ class MultimodalSettings:
             raise ValueError(f"unknown multimodal setting(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
+
+#: What an export written before a setting existed was built with (load_trained).
+LEGACY_SETTINGS = {"local_features": "layer4", "sentence_context": "report"}
 
 #: Settings that change the trained weights (the resume fingerprint); workers etc. do not.
 RESULT_KEYS = tuple(f.name for f in fields(MultimodalSettings)
@@ -158,8 +163,8 @@ class MultimodalMethod:
         text = build_text_encoder(s.text_encoder, train_texts, vocab_size=s.vocab_size, hidden=s.text_hidden,
                                   layers=s.text_layers, heads=s.text_heads, intermediate=s.text_intermediate,
                                   max_tokens=s.max_tokens, max_sentences=s.max_sentences, dropout=s.text_dropout,
-                                  local_files_only=local_files_only)
-        return MultimodalModel(ImageEncoder(backbone, s.embed_dim), text, s.embed_dim)
+                                  local_files_only=local_files_only, context=s.sentence_context)
+        return MultimodalModel(ImageEncoder(backbone, s.embed_dim, s.local_features), text, s.embed_dim)
 
     def build_loss(self) -> MultimodalLoss:
         s = self.s
@@ -183,7 +188,9 @@ class MultimodalMethod:
         return [groups[k] for k in sorted(groups)]
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(model), lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+        """AdamW, fused (one kernel over all parameters: a quarter of the per-parameter loop's time
+        on a CPU, where that loop was a fifth of the demo's step)."""
+        return torch.optim.AdamW(self.param_groups(model), lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
     @staticmethod
     def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -249,11 +256,14 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild a trained model from :meth:`MultimodalMethod.export`'s files (no code is unpickled)."""
     run = Path(run_dir)
     meta = json.loads((run / MODEL_JSON).read_text())
-    settings = MultimodalSettings.from_dict(meta["settings"])
+    # exports older than these settings were built without them: plain linear heads, report context
+    settings = MultimodalSettings.from_dict({**LEGACY_SETTINGS, **meta["settings"]})
     text_model, tokenizer = load_pretrained(str(run / TEXT_DIR))
-    text = SentenceTextEncoder(text_model, tokenizer, settings.max_tokens, settings.max_sentences)
+    text = SentenceTextEncoder(text_model, tokenizer, settings.max_tokens, settings.max_sentences,
+                               settings.sentence_context)
     backbone = resnet_feature_map(settings.arch, "random", None, settings.output_stride)
-    model = MultimodalModel(ImageEncoder(backbone, settings.embed_dim), text, settings.embed_dim)
+    model = MultimodalModel(ImageEncoder(backbone, settings.embed_dim, settings.local_features), text,
+                            settings.embed_dim)
     state = load_checkpoint(run / MODEL, "multimodal model")
     model.load_state_dict(state)
     return model.to(device).eval(), settings

@@ -13,9 +13,12 @@ broken in hash-map order, so two runs on the same reports give different vocabul
 (huggingface/tokenizers#1794), which would break run-to-run reproducibility.
 
 Sentence embeddings: the report's sentences are tokenised one by one and concatenated into one
-sequence ``[CLS] s1 s2 ... [SEP]`` (truncated to ``max_tokens``), encoded in one pass, so every
-token sees the whole report; a sentence's embedding is the mean of its tokens' last-layer
-embeddings, the report's the mean over all its sentence tokens.
+sequence ``[CLS] s1 s2 ... [SEP]`` (truncated to ``max_tokens``). ``context="report"`` encodes that
+sequence in one pass, so every token sees the whole report (GLoRIA's words); ``context="sentence"``
+encodes each sentence as its own ``[CLS] s [SEP]``, so a sentence's embedding is the one it has
+standing alone, as a zero-shot prompt does (a prompt is then no longer a one-sentence report
+unlike any seen in training). Either way a sentence's embedding is the mean of its tokens'
+last-layer embeddings, the report's the mean over all its sentence tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BIOCLINICALBERT = "emilyalsentzer/Bio_ClinicalBERT"
+#: What a sentence's tokens see when encoded (module doc).
+CONTEXTS = ("report", "sentence")
 
 
 class TextEncoderUnavailableError(RuntimeError):
@@ -137,9 +142,12 @@ def load_pretrained(name_or_path: str, local_files_only: bool | None = None):
 class SentenceTextEncoder(nn.Module):
     """A BERT-style ``model`` and its ``tokenizer``: reports -> report and sentence embeddings."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_tokens: int = 128, max_sentences: int = 12):
+    def __init__(self, model: nn.Module, tokenizer, max_tokens: int = 128, max_sentences: int = 12,
+                 context: str = "report"):
         super().__init__()
-        self.model, self.tokenizer = model, tokenizer
+        if context not in CONTEXTS:
+            raise ValueError(f"sentence context must be one of {CONTEXTS}, got {context!r}")
+        self.model, self.tokenizer, self.context = model, tokenizer, context
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", max_tokens)
         self.max_tokens, self.max_sentences = min(int(max_tokens), int(limit)), int(max_sentences)
         self.width = int(model.config.hidden_size)
@@ -167,8 +175,42 @@ class SentenceTextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_ids: torch.Tensor):
         """(report ``(B, H)``, sentences ``(B, max_sentences, H)``, sentence mask ``(B, max_sentences)``)."""
+        if self.context == "sentence":
+            return self._encode_sentences(input_ids, sentence_ids)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool_sentences(hidden, sentence_ids, self.max_sentences)
+
+    def _encode_sentences(self, input_ids: torch.Tensor, sentence_ids: torch.Tensor):
+        """``context="sentence"``: every sentence of the packed batch as its own ``[CLS] s [SEP]``
+        sequence, all in one pass; pooled as :func:`pool_sentences` pools."""
+        tok, n_sent = self.tokenizer, self.max_sentences
+        onehot = sentence_ids.unsqueeze(-1) == torch.arange(n_sent, device=input_ids.device)  # (B, L, S)
+        lengths = onehot.sum(1)  # (B, S)
+        b, pos = torch.nonzero(sentence_ids >= 0, as_tuple=True)
+        k = sentence_ids[b, pos]
+        within = (onehot.cumsum(1) - 1).gather(2, sentence_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)[b, pos]
+        present = torch.nonzero(lengths > 0)  # (N, 2): (report, sentence) of each sequence
+        row = torch.full_like(lengths, -1)
+        row[present[:, 0], present[:, 1]] = torch.arange(len(present), device=row.device)
+        n_len = int(lengths.max()) + 2 if len(present) else 2
+        ids = torch.full((len(present), n_len), tok.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros_like(ids)
+        r = row[b, k]
+        ids[r, within + 1], mask[r, within + 1] = input_ids[b, pos], 1
+        ids[:, 0], mask[:, 0] = tok.cls_token_id, 1
+        seq_len = lengths[present[:, 0], present[:, 1]]
+        ends = torch.arange(len(present), device=ids.device)
+        ids[ends, seq_len + 1], mask[ends, seq_len + 1] = tok.sep_token_id, 1
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, n_len, H)
+        words = mask.clone()
+        words[:, 0] = 0
+        words[ends, seq_len + 1] = 0
+        sums = (hidden * words.unsqueeze(-1)).sum(1)  # (N, H)
+        sentences = hidden.new_zeros(*lengths.shape, hidden.shape[-1])
+        sentences[present[:, 0], present[:, 1]] = sums / seq_len.clamp(min=1).unsqueeze(-1).to(hidden.dtype)
+        totals = hidden.new_zeros(lengths.shape[0], hidden.shape[-1]).index_add(0, present[:, 0], sums)
+        report = totals / lengths.sum(1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        return report, sentences, lengths > 0
 
 
 def pad_tokens(tokenized: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -198,7 +240,8 @@ def pool_sentences(hidden: torch.Tensor, sentence_ids: torch.Tensor, max_sentenc
 
 def build_text_encoder(name: str, training_texts: Sequence[str] | None, *, vocab_size: int, hidden: int,
                        layers: int, heads: int, intermediate: int, max_tokens: int, max_sentences: int,
-                       dropout: float | None = None, local_files_only: bool | None = None) -> SentenceTextEncoder:
+                       dropout: float | None = None, local_files_only: bool | None = None,
+                       context: str = "report") -> SentenceTextEncoder:
     """``scratch`` (vocabulary from ``training_texts``) or a pretrained name/folder, wrapped for sentences.
 
     ``dropout`` (if given) overrides the model's hidden and attention dropout.
@@ -215,4 +258,4 @@ def build_text_encoder(name: str, training_texts: Sequence[str] | None, *, vocab
             for m in model.modules():
                 if isinstance(m, nn.Dropout):
                     m.p = float(dropout)
-    return SentenceTextEncoder(model, tokenizer, max_tokens, max_sentences)
+    return SentenceTextEncoder(model, tokenizer, max_tokens, max_sentences, context)

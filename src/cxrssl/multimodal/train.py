@@ -38,7 +38,7 @@ from cxrssl.multimodal.data import ReportImageDataset, collate_pairs
 from cxrssl.multimodal.method import IMAGE_ENCODER, RESULT_KEYS, MultimodalMethod, MultimodalSettings, total_steps
 from cxrssl.multimodal.reports import read_pairs
 from cxrssl.runtime import (DistInfo, cleanup_distributed, configure_threads, init_distributed, load_checkpoint,
-                             rng_state, save_checkpoint, set_rng_state, sync_batchnorm)
+                             rng_state, save_checkpoint, set_rng_state, sha256_file, sync_batchnorm)
 from cxrssl.ssl.data import PairSampler
 from cxrssl.utils import progress_disabled, seed_everything
 
@@ -133,7 +133,10 @@ def _train(info: DistInfo, method: MultimodalMethod, pairs_path: Path, image_roo
     keyed = {k: getattr(s, k) for k in RESULT_KEYS}
     fingerprint = json.dumps({**keyed, "seed": seed, "data": data_fingerprint(pairs_path, image_root,
                               train["image_path"].tolist()),
-                              "imagenet_weights": str(imagenet_weights) if s.init == "imagenet" else None},
+                              "imagenet_weights": str(imagenet_weights) if s.init == "imagenet" else None,
+                              # a checkpoint init (e.g. another method's backbone): its bytes, so a retrained
+                              # init is never resumed over
+                              "init_weights": sha256_file(s.init) if s.init not in ("random", "imagenet") else None},
                              sort_keys=True)
     step, rows, val_rows = 0, [], []
     if resume and ckpt_path.is_file():

@@ -59,8 +59,9 @@ def zero_shot(run_dir: str | Path, items: pd.DataFrame, load_image: Callable[[st
     small = np.stack([_resize(images[i], settings.image_size) for i in order])
     row = {i: k for k, i in enumerate(order)}
     findings = sorted(set(items["finding"]))
-    by_space, grid = image_regions(model, small)
+    by_space, grids = image_regions(model, small)
     regions = {source: by_space[space] for space, source in SOURCES.items()}
+    grid = {source: grids[space] for space, source in SOURCES.items()}
     queries = {}
     for space, source in SOURCES.items():
         prompts = prompt_embeddings(model, findings, space)
@@ -70,10 +71,12 @@ def zero_shot(run_dir: str | Path, items: pd.DataFrame, load_image: Callable[[st
     rng = np.random.default_rng(seed)
     tables, per_item, panel_maps = [], [], {}
     shapes = [images[i].shape for i in items["image_id"]]
-    baselines = {"random": [random_map(s, grid, rng) for s in shapes], "centre": [centre_map(s) for s in shapes]}
+    # the random map on the finest of the model's grids (the local space's): its smoothness
+    baselines = {"random": [random_map(s, grids["local"], rng) for s in shapes],
+                 "centre": [centre_map(s) for s in shapes]}
     for kind, by_source in queries.items():
         start = time.perf_counter()
-        maps = {source: [similarity_map(regions[source][row[r.image_id]], q[k], grid, images[r.image_id].shape)
+        maps = {source: [similarity_map(regions[source][row[r.image_id]], q[k], grid[source], images[r.image_id].shape)
                          for k, r in enumerate(items.itertuples(index=False))] for source, q in by_source.items()}
         scores, summary = evaluate_maps(items, {**maps, **baselines}, n_boot, seed)
         tables.append(summary.assign(query=kind))
