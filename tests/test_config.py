@@ -94,13 +94,14 @@ def test_snakemake_refuses_an_invalid_config_before_running_anything(tmp_path):
     bad["vindr"]["fusion"]["iou_thr"] = 7
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(bad))
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(config), "--directory", str(tmp_path),
-         "-s", str(REPO / "Snakefile")],
-        capture_output=True, text=True, cwd=REPO,
-    )
+    proc = _dry_run(config, tmp_path)
     assert proc.returncode != 0
     assert "iou_thr" in proc.stdout + proc.stderr
+
+
+def _dry_run(config: Path, workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", str(config), "--directory",
+                           str(workdir), "-s", str(REPO / "Snakefile")], capture_output=True, text=True, cwd=REPO)
 
 
 @pytest.mark.parametrize("text, line", [("seed: 1\nseed: 2\n", 2),
@@ -127,11 +128,7 @@ def test_snakemake_refuses_a_config_file_with_a_block_given_twice(tmp_path):
     text = (REPO / "config.yaml").read_text() + "\nseed: 3\n"  # config.yaml sets seed already
     config = tmp_path / "twice.yaml"
     config.write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(config), "--directory", str(tmp_path),
-         "-s", str(REPO / "Snakefile")],
-        capture_output=True, text=True, cwd=REPO,
-    )
+    proc = _dry_run(config, tmp_path)
     assert proc.returncode != 0
     assert "'seed' given twice" in proc.stdout + proc.stderr
 
