@@ -244,3 +244,24 @@ def test_comparison_table_puts_cams_and_similarity_maps_side_by_side():
         ("image-text similarity", "multimodal (global space)", "nih"), ("baseline", "random baseline", "nih")]
     md = comparison_markdown(rows)
     assert md.count("\n") == 6 and "0.500 [0.400, 0.600]" in md and "n/a [n/a, n/a]" in md
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 24), st.integers(2, 24), st.booleans())
+def test_iou_at_every_threshold_equals_the_scorer_at_each(seed, h, w, plateaus):
+    """The threshold search counts IoUs from sorted values; they must be score_heatmap's, one by one."""
+    from cxrssl.evaluation.localization import iou_at_thresholds, score_heatmap
+
+    rng = np.random.default_rng(seed)
+    heat = rng.random((h, w))
+    if plateaus:  # ties at the cut, a zero map region, the peak repeated
+        heat = np.round(heat * 4) / 4
+    x0, y0 = rng.uniform(0, w - 1), rng.uniform(0, h - 1)
+    boxes = [[x0, y0, rng.uniform(x0 + 0.6, w), rng.uniform(y0 + 0.6, h)]]
+    grid = np.round(np.arange(0.05, 1.0, 0.05), 2)
+    expected = [score_heatmap(heat, boxes, threshold=float(t)) for t in grid]
+    if expected[0] is None:  # no pixel centre inside the box
+        return
+    np.testing.assert_allclose(iou_at_thresholds(heat, boxes, grid), [e["iou"] for e in expected], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(iou_at_thresholds(np.zeros((h, w)), boxes, grid),
+                               [score_heatmap(np.zeros((h, w)), boxes, threshold=float(t))["iou"] for t in grid])

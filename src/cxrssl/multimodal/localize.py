@@ -188,16 +188,25 @@ def score_map(heatmap: np.ndarray, boxes: Iterable[Sequence[float]], threshold: 
     return {k: float(scores[k]) for k in METRICS}
 
 
+def _ious(heatmap: np.ndarray, boxes, thresholds) -> np.ndarray:
+    """:func:`score_map`'s ``iou`` at every threshold (its checks and scaling)."""
+    boxes = list(boxes)
+    m = normalise(heatmap)
+    if not box_mask(boxes, m.shape).any():
+        raise ValueError("no box pixel inside the map")
+    return shared.iou_at_thresholds(m, shared.xywh_to_xyxy(boxes), thresholds)
+
+
 def choose_threshold(maps: Sequence[np.ndarray], boxes: Sequence, grid: Sequence[float] | None = None) -> float:
     """The threshold (of the min-max scaled maps) with the best mean IoU over validation items."""
     grid = np.round(np.arange(0.05, 1.0, 0.05), 2) if grid is None else np.asarray(grid)
     if not len(maps):
         raise ValueError("no validation items to choose a threshold on")
+    ious = np.stack([_ious(m, b, grid) for m, b in zip(maps, boxes)])  # (items, thresholds)
     best, best_t = -1.0, float(grid[0])
-    for t in grid:
-        mean = float(np.mean([score_map(m, b, float(t))["iou"] for m, b in zip(maps, boxes)]))
+    for t, mean in zip(grid, ious.mean(axis=0)):
         if mean > best + 1e-12:
-            best, best_t = mean, float(t)
+            best, best_t = float(mean), float(t)
     return best_t
 
 
