@@ -105,7 +105,8 @@ def _dry_run(config: Path, workdir: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("text, line", [("seed: 1\nseed: 2\n", 2),
-                                        ("detection:\n  epochs: 1\n  lr: 0.1\n  epochs: 3\n", 4)])
+                                        ("detection:\n  epochs: 1\n  lr: 0.1\n  epochs: 3\n", 4),
+                                        ("a: &a {p: 1}\nb:\n  <<: *a\n  q: 2\n  q: 3\n", 5)])
 def test_a_key_given_twice_is_an_error_naming_file_and_line(tmp_path, text, line):
     """PyYAML keeps the last of a duplicated key without a word: a block written twice loses its first copy."""
     path = tmp_path / "site.yaml"
@@ -113,6 +114,14 @@ def test_a_key_given_twice_is_an_error_naming_file_and_line(tmp_path, text, line
     with pytest.raises(ConfigError, match="given twice") as info:
         load_config(path)
     assert str(info.value).startswith(f"{path}:") and f"line {line}" in str(info.value)
+
+
+def test_a_key_overriding_a_merged_one_is_not_a_duplicate():
+    """`<<: *anchor` then the same key is YAML's merge override, which must keep working."""
+    from cxrssl.config import strict_yaml_load
+
+    assert strict_yaml_load("a: &a {p: 1, q: 1}\nb:\n  <<: *a\n  p: 2\n") == {"a": {"p": 1, "q": 1},
+                                                                              "b": {"p": 2, "q": 1}}
 
 
 def test_shipped_schema_and_configs_have_no_key_given_twice():

@@ -34,9 +34,12 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)
+            # the mapping's own keys only: a key that overrides one merged in by `<<: *anchor` is YAML's
+            # merge, not a duplicate (SafeLoader's flatten_mapping, called next, puts the merged ones first)
             seen: dict = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 try:
                     first = seen.setdefault(key, key_node.start_mark.line + 1)
