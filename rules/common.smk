@@ -191,17 +191,20 @@ def init_input(wildcards):
     if value in ("random", "imagenet"):
         return []
     if wildcards.init in PRETRAIN_METHODS:
-        return [value, expand(PRETRAIN_SIDECAR, method=wildcards.init)[0]]
+        return method_backbone_files(wildcards.init)
     return [value]
+
+
+def method_backbone_files(method):
+    """A pretraining method's backbone.pth and its sidecar backbone.json (what loading it as an init reads)."""
+    return [expand(PRETRAIN_BACKBONE, method=method)[0], expand(PRETRAIN_SIDECAR, method=method)[0]]
 
 
 # The multimodal method's image encoder from another method's backbone (pretrain.multimodal.init)
 def mm_init_input(wildcards):
     """The backbone (and sidecar) of the method `pretrain.multimodal.init` names, if it names one."""
     init = config["pretrain"]["multimodal"]["init"]
-    if init in PRETRAIN_METHODS and init != "multimodal":
-        return [expand(PRETRAIN_BACKBONE, method=init)[0], expand(PRETRAIN_SIDECAR, method=init)[0]]
-    return []
+    return method_backbone_files(init) if init in PRETRAIN_METHODS and init != "multimodal" else []
 
 
 def mm_init_flag(wildcards, input):

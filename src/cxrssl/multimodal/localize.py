@@ -21,9 +21,9 @@ the pooled map, the locations' mean is the image's score, so the map is the CAM 
 image-report similarity, as dense CLIP maps are read).
 
 Baselines: a random map (uniform noise on the model's finest region grid, the sentence-region
-space's, upsampled bilinearly: the same smoothness as the model's maps) and a centre prior (isotropic Gaussian at the image centre,
-sigma = a quarter of the side). Confidence intervals: percentile bootstrap over images (an
-image's items are resampled together).
+space's, upsampled bilinearly: the same smoothness as the model's maps) and a centre prior
+(isotropic Gaussian at the image centre, sigma = a quarter of the side). Confidence intervals:
+percentile bootstrap over images (an image's items are resampled together).
 
 Box files: NIH ``BBox_List_2017.csv`` (header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``,
 read by position, "Infiltrate" as spelled there), RSNA ``stage_2_train_labels.csv``
@@ -180,21 +180,18 @@ def score_map(heatmap: np.ndarray, boxes: Iterable[Sequence[float]], threshold: 
     (the detectors' CAM scorer) at ``threshold`` (of the scaled map's maximum, 1). Undefined
     scores (a constant map's energy share and CNR) are NaN, left out of means as there.
     """
-    boxes = list(boxes)
-    m = normalise(heatmap)
-    if not box_mask(boxes, m.shape).any():
-        raise ValueError("no box pixel inside the map")
-    scores = shared.score_heatmap(m, shared.xywh_to_xyxy(boxes), threshold=threshold)
+    m, xyxy = _scaled(heatmap, boxes)
+    scores = shared.score_heatmap(m, xyxy, threshold=threshold)
     return {k: float(scores[k]) for k in METRICS}
 
 
-def _ious(heatmap: np.ndarray, boxes, thresholds) -> np.ndarray:
-    """:func:`score_map`'s ``iou`` at every threshold (its checks and scaling)."""
+def _scaled(heatmap: np.ndarray, boxes: Iterable[Sequence[float]]) -> tuple[np.ndarray, list[list[float]]]:
+    """The min-max scaled map and the boxes as ``[x0, y0, x1, y1]``; at least one box pixel in the map."""
     boxes = list(boxes)
     m = normalise(heatmap)
     if not box_mask(boxes, m.shape).any():
         raise ValueError("no box pixel inside the map")
-    return shared.iou_at_thresholds(m, shared.xywh_to_xyxy(boxes), thresholds)
+    return m, shared.xywh_to_xyxy(boxes)
 
 
 def choose_threshold(maps: Sequence[np.ndarray], boxes: Sequence, grid: Sequence[float] | None = None) -> float:
@@ -202,7 +199,8 @@ def choose_threshold(maps: Sequence[np.ndarray], boxes: Sequence, grid: Sequence
     grid = np.round(np.arange(0.05, 1.0, 0.05), 2) if grid is None else np.asarray(grid)
     if not len(maps):
         raise ValueError("no validation items to choose a threshold on")
-    ious = np.stack([_ious(m, b, grid) for m, b in zip(maps, boxes)])  # (items, thresholds)
+    # (items, thresholds): score_map's iou at every threshold
+    ious = np.stack([shared.iou_at_thresholds(*_scaled(m, b), grid) for m, b in zip(maps, boxes)])
     best, best_t = -1.0, float(grid[0])
     for t, mean in zip(grid, ious.mean(axis=0)):
         if mean > best + 1e-12:

@@ -256,7 +256,7 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild a trained model from :meth:`MultimodalMethod.export`'s files (no code is unpickled)."""
     run = Path(run_dir)
     meta = json.loads((run / MODEL_JSON).read_text())
-    # exports older than these settings were built without them: plain linear heads, report context
+    # exports older than these settings were built without them: layer4 regions, report context
     settings = MultimodalSettings.from_dict({**LEGACY_SETTINGS, **meta["settings"]})
     text_model, tokenizer = load_pretrained(str(run / TEXT_DIR))
     text = SentenceTextEncoder(text_model, tokenizer, settings.max_tokens, settings.max_sentences,
